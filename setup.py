@@ -1,0 +1,34 @@
+"""rlsoft: reward weighting for policy-gradient RL on language models, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="rlsoft",
+    version="0.1.0",
+    description="How a group of sampled answers with verifiable rewards becomes policy-gradient weights.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rlsoft*", "models*", "envs*", "experiments*", "benchmarks*"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9.0",
+        "chex>=0.1.87",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "tensorboard>=2.16",
+        "tensorboardX>=2.6",
+        "sentencepiece>=0.2.0",
+        "tensorflow-datasets>=4.9.4",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8.0",
+            "hypothesis>=6.100",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+    },
+)
