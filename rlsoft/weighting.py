@@ -51,6 +51,16 @@ def average_ranks(r: chex.Array) -> chex.Array:
     return less.astype(r.dtype) + (equal.astype(r.dtype) + 1.0) / 2.0
 
 
+def _centre(r: chex.Array) -> chex.Array:
+    """r - mean(r), measured from r[0] so that an all-equal group gives exactly 0.
+
+    jnp.mean of G equal floats is not always that float (e.g. 3 x 0.1 in float32), so the plain
+    r - mean(r) left ~1e-8 on a constant group, which linear's std division blew up to ~1e-4.
+    """
+    d = r - r[0]
+    return d - jnp.mean(d)
+
+
 def _softmax_times_g(x: chex.Array, tau: chex.Array) -> chex.Array:
     """G * softmax(x / tau), computed as exp((x - max x) / tau) so |x / tau| up to 1e6 stays finite."""
     g = x.shape[-1]
@@ -75,14 +85,15 @@ def linear(r: chex.Array, tau: Tau = None) -> chex.Array:
     """GRPO: (r - mean) / (std + 1e-4), population std (GRPO-Zero's exact formula)."""
     del tau
     _assert_group(r)
-    return (r - jnp.mean(r)) / (jnp.std(r) + GRPO_EPS)
+    c = _centre(r)
+    return c / (jnp.sqrt(jnp.mean(c * c)) + GRPO_EPS)
 
 
 def drgrpo(r: chex.Array, tau: Tau = None) -> chex.Array:
     """Dr. GRPO: r - mean (no std division)."""
     del tau
     _assert_group(r)
-    return r - jnp.mean(r)
+    return _centre(r)
 
 
 def rloo(r: chex.Array, tau: Tau = None) -> chex.Array:
@@ -90,7 +101,8 @@ def rloo(r: chex.Array, tau: Tau = None) -> chex.Array:
     del tau
     _assert_group(r)
     g = r.shape[0]
-    return r - (jnp.sum(r) - r) / (g - 1)
+    d = r - r[0]  # exact zeros on an all-equal group (see _centre)
+    return d - (jnp.sum(d) - d) / (g - 1)
 
 
 def softmax(r: chex.Array, tau: Tau = None) -> chex.Array:

@@ -1,0 +1,150 @@
+"""The sparse-bandit testbed: compiled sweep == step-by-step replay, no recompiles, env and sampler."""
+import functools
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from envs import bandit as bandit_env
+from experiments import bandit as bandit_exp
+from rlsoft import categorical, weighting
+from rlsoft.logger import read_scalars
+
+K, S, T, G = 20, 3, 15, 8
+
+
+def _setup(num_paying=1, noise_std=0.0):
+    streams = jax.vmap(lambda k: jax.random.split(k, 2))(jax.random.split(jax.random.PRNGKey(3), S))
+    envs = bandit_env.make_bandits(streams[:, 0], K, num_paying, 1.0, noise_std)
+    return envs, streams[:, 1]
+
+
+def test_make_bandit_pays_exactly_the_chosen_arms():
+    b = bandit_env.make_bandit(jax.random.PRNGKey(0), 50, num_paying=3)
+    assert b.payouts.shape == (50,)
+    assert int(jnp.sum(b.payouts == 1.0)) == 3 and int(jnp.sum(b.payouts == 0.0)) == 47
+    arms = jnp.arange(50)
+    np.testing.assert_array_equal(bandit_env.pull(b, jax.random.PRNGKey(1), arms), b.payouts)
+
+
+def test_noisy_pull_has_the_requested_noise():
+    b = bandit_env.make_bandit(jax.random.PRNGKey(0), 10, noise_std=0.5)
+    arms = jnp.zeros((20000,), jnp.int32)
+    r = bandit_env.pull(b, jax.random.PRNGKey(1), arms)
+    assert abs(float(jnp.mean(r)) - float(b.payouts[0])) < 0.02
+    assert abs(float(jnp.std(r)) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_arms=1), dict(num_arms=5, num_paying=5), dict(num_arms=5, noise_std=-1.0)])
+def test_make_bandit_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        bandit_env.make_bandit(jax.random.PRNGKey(0), **kwargs)
+
+
+def test_inverse_cdf_sampler_matches_the_policy():
+    logits = jnp.array([0.0, 1.0, -1.0, 2.0, 0.5])
+    n = 200_000
+    a = categorical.sample_actions(jax.random.PRNGKey(0), logits, n)
+    freq = np.bincount(np.asarray(a), minlength=5) / n
+    p = np.asarray(jax.nn.softmax(logits))
+    # 5 binomial standard errors per cell.
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n))
+
+
+def test_gradient_is_the_weighted_score_function():
+    logits = jnp.array([0.3, -0.2, 1.0, 0.0])
+    actions = jnp.array([0, 2, 2, 3])
+    w = jnp.array([1.5, -0.5, 0.25, 2.0])
+    grad = jax.grad(categorical.weighted_nll)(logits, actions, w)
+    pi = np.asarray(jax.nn.softmax(logits))
+    expected = -sum(float(w[i]) * (np.eye(4)[int(actions[i])] - pi) for i in range(4)) / 4
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_make_hparams_has_one_tau_free_entry_per_lr():
+    hps = categorical.make_hparams(["linear", "softmax"], (0.25, 0.5), (1.0, 3.0))
+    assert hps.scheme_index.shape == (2 + 4,)
+    names = [weighting.SCHEME_NAMES[int(i)] for i in hps.scheme_index]
+    assert names.count("linear") == 2 and names.count("softmax") == 4
+
+
+# Adam is replayed only with schemes whose weights do not sum to zero: for a zero-sum scheme the
+# gradient on unsampled arms is -(sum w) pi / G, pure float rounding, and Adam divides it by its
+# own RMS, so the run follows the rounding noise (vmapped and unbatched code round differently).
+@pytest.mark.parametrize("optimizer,schemes", [("sgd", ["linear", "softmax", "quantile"]),
+                                               ("adam", ["softmax", "best_of_n", "raw"])])
+def test_compiled_sweep_equals_step_by_step_replay(optimizer, schemes):
+    envs, policy_keys = _setup(noise_std=0.1)
+    hps = categorical.make_hparams(schemes, (0.5,), (1.0, 3.0))
+    chex.clear_trace_counter()  # the counter is keyed by code, shared across parametrizations
+    kw = dict(reward_fn=bandit_env.pull, values_fn=bandit_env.arm_values, group_size=G, optimizer=optimizer)
+    swept = categorical.sweep(hps, envs, policy_keys, num_actions=K, num_steps=T, **kw)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(hp, env, state, key):
+        return categorical.policy_step(hp, env, state, key, **kw)
+
+    for c in range(hps.scheme_index.shape[0]):
+        hp = jax.tree.map(lambda x: x[c], hps)
+        for s in range(S):
+            env = jax.tree.map(lambda x: x[s], envs)
+            state = categorical.init_state(K, optimizer)
+            for t in range(T):
+                state, m = step(hp, env, state, jax.random.fold_in(policy_keys[s], t))
+                for name, value in m.items():
+                    np.testing.assert_allclose(
+                        swept[name][c, s, t], value, rtol=1e-5, atol=1e-5, err_msg=f"{name} c={c} s={s} t={t}")
+
+
+def test_sweep_does_not_recompile_for_new_values():
+    envs, policy_keys = _setup()
+    kw = dict(num_actions=K, num_steps=T, reward_fn=bandit_env.pull, values_fn=bandit_env.arm_values,
+              group_size=G, optimizer="sgd")
+    hps = categorical.make_hparams(["linear", "softmax"], (0.5,), (1.0,))
+    categorical.sweep(hps, envs, policy_keys, **kw)
+    size = categorical.sweep._cache_size()
+    hps2 = categorical.make_hparams(["rank", "softmax_centered"], (0.25,), (2.0,))
+    envs2, keys2 = jax.tree.map(lambda x: x[::-1], (envs, policy_keys))
+    categorical.sweep(hps2, envs2, keys2, **kw)
+    assert categorical.sweep._cache_size() == size
+
+
+def test_sparse_bandit_is_learned():
+    envs, policy_keys = _setup()
+    hps = categorical.make_hparams(["linear", "softmax"], (0.5,), (3.0,))
+    m = categorical.sweep(hps, envs, policy_keys, num_actions=K, num_steps=60, reward_fn=bandit_env.pull,
+                          values_fn=bandit_env.arm_values, group_size=G, optimizer="sgd")
+    p = np.asarray(m["p_best"])
+    np.testing.assert_allclose(p[:, :, 0], 1.0 / K, rtol=1e-5)  # uniform start
+    assert (p[:, :, -1] > 0.5).all(), p[:, :, -1]
+
+
+def test_first_step():
+    mask = jnp.array([[False, True, True], [False, False, False], [True, False, False]])
+    np.testing.assert_array_equal(categorical.first_step(mask), [1, 3, 0])
+
+
+def test_experiment_smoke(tmp_path, capsys):
+    out = tmp_path / "bandit"
+    result = bandit_exp.main(["--preset=tiny", "--steps=30", "--seeds=4", f"--out={out}"])
+    assert (out / "bandit.md").exists() and (out / "bandit.png").exists()
+    assert len(result["rows"]) == 4 * 2  # (linear + 3 softmax taus) x 2 lrs
+    assert {r["label"] for r in result["tuned"]} == {"linear", "softmax tau=0.25", "softmax tau=0.5", "softmax tau=1"}
+    runs = sorted(os.listdir(out / "tb"))
+    assert len(runs) == 8
+    scalars = read_scalars(str(out / "tb" / runs[0]))
+    assert "p_best" in scalars and len(scalars["p_best"]) == 30 // 5
+    assert "one compiled call" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--arms=1", "--taus=0", "--schemes=nope", "--ref_lr=7", "--bogus=1", "--seeds=x"])
+def test_experiment_bad_flags_exit_2(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        bandit_exp.main([flag])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0]

@@ -1,0 +1,559 @@
+"""Tests for rlsoft.weighting (and the tau schedules it re-exports).
+
+Expected values are computed independently of the implementation: by hand, or in float64 with
+plain numpy + scipy (scipy.stats.rankdata 'average', scipy.stats.norm.ppf).
+"""
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from rlsoft import schedules, weighting
+from rlsoft.weighting import SCHEME_NAMES, compute_weights
+
+TAU = 0.7  # default temperature for the schemes that need one
+ALL_VARIANTS = dict(with_jit=True, without_jit=True, with_device=True, without_device=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Independent float64 references.
+
+
+def ref_weights(r, scheme, tau=TAU):
+    r = np.asarray(r, np.float64)
+    g = r.size
+
+    def soft(x, t):
+        e = np.exp((x - x.max()) / t)
+        return g * e / e.sum()
+
+    def quant(x):
+        return sps.norm.ppf((sps.rankdata(x, method="average") - 0.5) / g)
+
+    if scheme == "linear":
+        return (r - r.mean()) / (r.std() + 1e-4)
+    if scheme == "drgrpo":
+        return r - r.mean()
+    if scheme == "rloo":
+        return np.array([r[i] - np.mean(np.delete(r, i)) for i in range(g)])
+    if scheme == "softmax":
+        return soft(r, tau)
+    if scheme == "softmax_centered":
+        return soft(r, tau) - 1.0
+    if scheme == "quantile":
+        return quant(r)
+    if scheme == "quantile_softmax":
+        return soft(quant(r), tau)
+    if scheme == "rank":
+        c = sps.rankdata(r, method="average") - (g + 1) / 2
+        return c / c.std() if c.std() > 0 else np.zeros(g)
+    if scheme == "best_of_n":
+        best = (r == r.max()).astype(np.float64)
+        return g * best / best.sum()
+    if scheme == "raw":
+        return r.copy()
+    raise AssertionError(scheme)
+
+
+GROUPS = {
+    "distinct": [3.0, 1.0, 2.0],
+    "ties": [0.0, 1.0, 1.0, 2.0],
+    "tied_best": [2.0, 2.0, -1.0, 0.5, 2.0],
+    "seed": [1.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0],
+    "pair": [0.0, 1.0],
+}
+
+# Literal hand-computed values (pen and paper), tolerance 1e-3.
+HAND = [
+    # r = [0, 1]: mean 1/2, std 1/2.
+    ("linear", [0.0, 1.0], None, [-0.5 / 0.5001, 0.5 / 0.5001]),
+    # r = [3, 1, 2]: mean 2, std sqrt(2/3).
+    ("linear", [3.0, 1.0, 2.0], None, [1 / (math.sqrt(2 / 3) + 1e-4), -1 / (math.sqrt(2 / 3) + 1e-4), 0.0]),
+    ("drgrpo", [0.0, 1.0, 1.0, 2.0], None, [-1.0, 0.0, 0.0, 1.0]),
+    # rloo: 0 - 4/3, 1 - 3/3, 1 - 3/3, 2 - 2/3.
+    ("rloo", [0.0, 1.0, 1.0, 2.0], None, [-4 / 3, 0.0, 0.0, 4 / 3]),
+    # softmax tau=1 on [0, ln 3]: probabilities 1/4, 3/4, times G=2.
+    ("softmax", [0.0, math.log(3.0)], 1.0, [0.5, 1.5]),
+    ("softmax_centered", [0.0, math.log(3.0)], 1.0, [-0.5, 0.5]),
+    # quantile with ties: average ranks 1, 2.5, 2.5, 4 -> p = 1/8, 1/2, 1/2, 7/8.
+    ("quantile", [0.0, 1.0, 1.0, 2.0], None, [-1.1503494, 0.0, 0.0, 1.1503494]),
+    # quantile_softmax tau=1: G * softmax([-1.15035, 0, 0, 1.15035]).
+    ("quantile_softmax", [0.0, 1.0, 1.0, 2.0], 1.0,
+     list(4 * np.exp([-1.1503494, 0, 0, 1.1503494]) / np.exp([-1.1503494, 0, 0, 1.1503494]).sum())),
+    # rank: ranks 3, 1.5, 1.5 -> centred 1, -1/2, -1/2, population std sqrt(1/2).
+    ("rank", [1.0, 0.0, 0.0], None, [math.sqrt(2), -math.sqrt(0.5), -math.sqrt(0.5)]),
+    ("best_of_n", [2.0, 2.0, -1.0, 0.5, 2.0], None, [5 / 3, 5 / 3, 0.0, 0.0, 5 / 3]),
+    ("best_of_n", [0.0, 3.0, 1.0], None, [0.0, 3.0, 0.0]),
+    ("raw", [0.5, -2.0, 3.0], None, [0.5, -2.0, 3.0]),
+]
+
+SHIFT_INVARIANT = tuple(s for s in SCHEME_NAMES if s != "raw")
+SUM_ZERO = ("softmax_centered", "drgrpo", "rloo", "linear", "quantile", "rank")
+SUM_G = ("softmax", "quantile_softmax", "best_of_n")
+# r_i > r_j  =>  w_i > w_j  (best_of_n only >=; softmax_centered is softmax - 1, see its own test).
+STRICT = ("linear", "drgrpo", "rloo", "softmax", "softmax_centered", "quantile", "quantile_softmax", "rank", "raw")
+
+_grid = st.integers(-640, 640).map(lambda k: k / 64.0)  # exact float32 values in [-10, 10]
+float_groups = st.lists(st.floats(-10, 10, width=32, allow_subnormal=False), min_size=2, max_size=32)
+grid_groups = st.lists(_grid, min_size=2, max_size=32)
+HYP = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@jax.jit
+def _all_schemes(r):
+    return {s: compute_weights(r, s, tau=TAU) for s in SCHEME_NAMES}
+
+
+def test_scheme_names_are_the_issue_list():
+    assert set(SCHEME_NAMES) == {
+        "linear", "drgrpo", "rloo", "softmax", "softmax_centered", "quantile",
+        "quantile_softmax", "rank", "best_of_n", "raw",
+    }
+    assert weighting.CENTRED <= set(SCHEME_NAMES)
+    assert weighting.NEEDS_TAU == {"softmax", "softmax_centered", "quantile_softmax"}
+
+
+@pytest.mark.parametrize("scheme,r,tau,expected", HAND, ids=[f"{h[0]}-{i}" for i, h in enumerate(HAND)])
+def test_literal_hand_values(scheme, r, tau, expected):
+    w = compute_weights(jnp.asarray(r, jnp.float32), scheme, tau=tau)
+    np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_every_scheme_has_a_literal_hand_value():
+    assert {h[0] for h in HAND} == set(SCHEME_NAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# Core checks under chex variants (jit / no jit, device / numpy inputs).
+
+
+class VariantsTest(chex.TestCase):
+    def _fns(self):
+        """One variant-wrapped function per scheme, tau an argument (traced under jit)."""
+        return {s: self.variant(lambda x, t, s=s: compute_weights(x, s, tau=t)) for s in SCHEME_NAMES}
+
+    @chex.variants(**ALL_VARIANTS)
+    @parameterized.named_parameters(*[(s, s) for s in SCHEME_NAMES])
+    def test_reference_values(self, scheme):
+        fn = self.variant(lambda r: compute_weights(r, scheme, tau=TAU))
+        for name, r in GROUPS.items():
+            w = fn(np.asarray(r, np.float32))
+            chex.assert_shape(w, (len(r),))
+            chex.assert_type(w, jnp.float32)
+            np.testing.assert_allclose(np.asarray(w), ref_weights(r, scheme), rtol=2e-5, atol=2e-5, err_msg=name)
+
+    @chex.variants(**ALL_VARIANTS)
+    @parameterized.named_parameters(*[(s, s) for s in SCHEME_NAMES])
+    def test_all_equal_group(self, scheme):
+        fn = self.variant(lambda r: compute_weights(r, scheme, tau=TAU))
+        for v, g in [(0.1, 3), (0.3, 7), (1 / 3, 5), (-3.3, 8), (0.0, 2), (7.123456, 32)]:
+            w = np.asarray(fn(np.full((g,), v, np.float32)))
+            if scheme in weighting.CENTRED:
+                np.testing.assert_array_equal(w, np.zeros(g), err_msg=f"{v}x{g}")  # exactly 0
+            elif scheme in ("softmax", "quantile_softmax", "best_of_n"):
+                np.testing.assert_array_equal(w, np.ones(g), err_msg=f"{v}x{g}")
+            else:
+                np.testing.assert_array_equal(w, np.full(g, v, np.float32))
+
+    @chex.variants(**ALL_VARIANTS)
+    def test_seed_table(self):
+        r = np.asarray(GROUPS["seed"], np.float32)
+        fns = self._fns()
+        for tau, on_correct, eff_n in [(1.0, 2.33, 6.38), (0.5, 4.33, 3.10), (0.1, 8.0, 1.0)]:
+            w = fns["softmax"](r, tau)
+            st_ = weighting.weight_stats(w, r)
+            assert round(float(w[0]), 2) == on_correct, (tau, w)
+            assert round(float(st_["effective_n"]), 2) == eff_n, (tau, st_)
+            assert round(float(st_["weight_on_best"]), 2) == on_correct
+        assert round(float(fns["linear"](r, 1.0)[0]), 2) == 2.62
+
+    @chex.variants(**ALL_VARIANTS)
+    def test_finite_for_extreme_ratios(self):
+        fns = self._fns()
+        auto = {s: self.variant(lambda x, s=s: compute_weights(x, s, tau="auto")) for s in SCHEME_NAMES}
+        for r, tau in [([1e6, -1e6, 0.0, 5.0], 1.0), ([1.0, 0.9, 1.1, 0.95], 1e-6), ([1e6, -1e6, 0.0, 5.0], 1e-6)]:
+            r = np.asarray(r, np.float32)
+            for s in SCHEME_NAMES:
+                for w in (fns[s](r, tau), auto[s](r)):
+                    assert np.all(np.isfinite(np.asarray(w))), (s, r, tau, w)
+        # Large |r / tau| drives softmax to best_of_n.
+        w = fns["softmax"](np.asarray([1.0, 0.9, 1.1, 0.95], np.float32), 1e-6)
+        np.testing.assert_allclose(np.asarray(w), [0, 0, 4, 0], atol=1e-6)
+
+    @chex.variants(**ALL_VARIANTS)
+    def test_shift_invariance(self):
+        fns = self._fns()
+        for r in GROUPS.values():
+            r = np.asarray(r, np.float32)
+            for c in (-3.7, 0.25, 100.0):
+                for s in SHIFT_INVARIANT:
+                    np.testing.assert_allclose(
+                        np.asarray(fns[s](r + np.float32(c), TAU)), np.asarray(fns[s](r, TAU)),
+                        atol=5e-4, rtol=1e-4, err_msg=f"{s} {r} {c}",
+                    )
+
+    @chex.variants(**ALL_VARIANTS)
+    def test_positive_scaling(self):
+        fns = self._fns()
+        cw = lambda s, x, tau=TAU: np.asarray(fns[s](x, tau))
+        for r in GROUPS.values():
+            r = np.asarray(r, np.float32)
+            std = float(np.std(r.astype(np.float64)))
+            for c in (0.5, 3.0, 40.0):
+                cr = np.float32(c) * r
+                for s in ("quantile", "rank", "best_of_n"):
+                    np.testing.assert_allclose(cw(s, cr), cw(s, r), rtol=1e-6, atol=1e-6, err_msg=s)
+                for s in ("drgrpo", "rloo", "raw"):
+                    np.testing.assert_allclose(cw(s, cr), c * cw(s, r), rtol=1e-5, atol=1e-5, err_msg=s)
+                # linear: (c r - c m) / (c std + eps) == (r - m) / (std + eps / c): invariant up to eps.
+                np.testing.assert_allclose(cw("linear", cr), cw("linear", r), rtol=2e-4 * max(1, 1 / c) / std)
+                np.testing.assert_allclose(
+                    cw("linear", cr), ref_weights(r, "drgrpo") / (std + 1e-4 / c), rtol=1e-5, atol=1e-6
+                )
+                for s in ("softmax", "softmax_centered"):  # softmax(c r, c tau) == softmax(r, tau)
+                    np.testing.assert_allclose(cw(s, cr, TAU * c), cw(s, r), rtol=1e-5, atol=1e-5, err_msg=s)
+
+    @chex.variants(**ALL_VARIANTS)
+    def test_sums_and_ordering(self):
+        fns = self._fns()
+        for r in GROUPS.values():
+            r = np.asarray(r, np.float32)
+            g = r.size
+            for s in SCHEME_NAMES:
+                w = np.asarray(fns[s](r, TAU))
+                if s in SUM_ZERO:
+                    np.testing.assert_allclose(w.sum(), 0.0, atol=1e-5, err_msg=s)
+                if s in SUM_G:
+                    np.testing.assert_allclose(w.sum(), g, rtol=1e-6, err_msg=s)
+                _check_ordering(r, w, strict=s in STRICT, msg=s)
+
+    @chex.variants(**ALL_VARIANTS)
+    def test_tau_limits(self):
+        fns = self._fns()
+        for r in GROUPS.values():
+            r = np.asarray(r, np.float32)
+            g = r.size
+            bon = ref_weights(r, "best_of_n")
+            cw = lambda s, tau: np.asarray(fns[s](r, tau))
+            # tau -> 0: best_of_n (ties share the weight); quantile keeps the ties of r.
+            np.testing.assert_allclose(cw("softmax", 1e-4), bon, atol=1e-6)
+            np.testing.assert_allclose(cw("quantile_softmax", 1e-4), bon, atol=1e-6)
+            np.testing.assert_allclose(cw("softmax_centered", 1e-4), bon - 1, atol=1e-6)
+            # tau -> infinity: uniform ones.
+            np.testing.assert_allclose(cw("softmax", 1e6), np.ones(g), atol=1e-5)
+            np.testing.assert_allclose(cw("quantile_softmax", 1e6), np.ones(g), atol=1e-5)
+            np.testing.assert_allclose(cw("softmax_centered", 1e6), np.zeros(g), atol=1e-5)
+
+
+def _check_ordering(r, w, strict, msg=""):
+    r = np.asarray(r)
+    w = np.asarray(w)
+    hi, lo = np.nonzero(r[:, None] > r[None, :])
+    assert np.all(w[hi] >= w[lo]), (msg, r, w)
+    if strict:
+        assert np.all(w[hi] > w[lo]), (msg, r, w)
+    eq_i, eq_j = np.nonzero(r[:, None] == r[None, :])
+    assert np.all(w[eq_i] == w[eq_j]), (msg, r, w)  # equal rewards, equal weights
+
+
+def test_softmax_centered_is_softmax_minus_one():
+    r = jnp.asarray([0.3, -1.0, 2.0, 2.0, 0.0])
+    for tau in (0.1, 1.0, "auto"):
+        np.testing.assert_allclose(
+            compute_weights(r, "softmax_centered", tau=tau), compute_weights(r, "softmax", tau=tau) - 1, atol=1e-6
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Batching, dtypes, index-based dispatch, tau="auto".
+
+
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+def test_batched_equals_loop(scheme):
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    r[0, 1] = 0.5  # a constant group
+    r[1, 2, :3] = r[1, 2, 3]  # ties
+    tau = "auto" if scheme == "softmax" else TAU
+    w = np.asarray(compute_weights(r, scheme, tau=tau))
+    chex.assert_shape(w, r.shape)
+    loop = np.stack([np.asarray(compute_weights(g, scheme, tau=tau)) for g in r.reshape(-1, 6)]).reshape(r.shape)
+    np.testing.assert_allclose(w, loop, rtol=1e-6, atol=1e-6)
+    w2 = np.asarray(compute_weights(r[0], scheme, tau=tau))  # [B, G]
+    np.testing.assert_allclose(w2, loop[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+def test_dtype_preserved(scheme):
+    r = np.asarray([0.5, -1.0, 2.0, 2.0, 0.25], np.float32)
+    w32 = compute_weights(jnp.asarray(r), scheme, tau=TAU)
+    assert w32.dtype == jnp.float32
+    wbf = compute_weights(jnp.asarray(r, jnp.bfloat16), scheme, tau=TAU)
+    assert wbf.dtype == jnp.bfloat16
+    # bfloat16 results are the float32 result rounded (the inputs are exact in bfloat16).
+    np.testing.assert_allclose(np.asarray(wbf, np.float32), np.asarray(w32), rtol=1e-2, atol=1e-2)
+    # integer rewards are promoted to float32
+    assert compute_weights(jnp.asarray([0, 1, 1]), scheme, tau=TAU).dtype == jnp.float32
+
+
+def test_float64_needs_x64():
+    if not jax.config.jax_enable_x64:
+        pytest.skip("float64 is only preserved with jax_enable_x64")
+    w = compute_weights(np.asarray([0.0, 1.0, 2.0], np.float64), "linear")
+    assert w.dtype == jnp.float64
+
+
+def test_by_index_equals_compute_weights():
+    r = jnp.asarray([[0.0, 1.0, 1.0, 2.0, -0.5], [3.0, 3.0, 3.0, 3.0, 3.0]], jnp.float32)
+    expected = np.stack([np.asarray(compute_weights(r, s, tau=TAU)) for s in SCHEME_NAMES])
+    for s in SCHEME_NAMES:
+        i = weighting.scheme_index(s)
+        assert SCHEME_NAMES[i] == s
+        np.testing.assert_allclose(weighting.compute_weights_by_index(r, i, TAU), expected[i], rtol=1e-6, atol=1e-6)
+    idx = jnp.arange(len(SCHEME_NAMES))
+    vm = jax.vmap(lambda i: weighting.compute_weights_by_index(r, i, TAU))(idx)
+    np.testing.assert_allclose(vm, expected, rtol=1e-6, atol=1e-6)
+    jitted = jax.jit(jax.vmap(lambda i, t: weighting.compute_weights_by_index(r, i, t), in_axes=(0, None)))
+    np.testing.assert_allclose(jitted(idx, TAU), expected, rtol=1e-6, atol=1e-6)
+    assert weighting.compute_weights_by_index(r.astype(jnp.bfloat16), 0, TAU).dtype == jnp.bfloat16
+
+
+def test_traced_tau_is_accepted_and_vmappable():
+    r = jnp.asarray([0.0, 1.0, 2.0])
+    taus = jnp.asarray([0.5, 1.0, 2.0])
+    w = jax.jit(jax.vmap(lambda t: compute_weights(r, "softmax", tau=t)))(taus)
+    for k, t in enumerate([0.5, 1.0, 2.0]):
+        np.testing.assert_allclose(w[k], ref_weights([0.0, 1.0, 2.0], "softmax", t), rtol=1e-5)
+
+
+def test_tau_auto():
+    r = jnp.asarray([[0.0, 1.0, 3.0, -1.0], [2.0, 2.5, 2.5, 2.0]])
+    auto = compute_weights(r, "softmax", tau="auto")
+    for b in range(2):
+        rb = np.asarray(r[b])
+        np.testing.assert_allclose(auto[b], ref_weights(rb, "softmax", (rb.max() - rb.min()) / 2), rtol=1e-6)
+    q = ref_weights(np.asarray(r[0]), "quantile")
+    np.testing.assert_allclose(
+        compute_weights(r[0], "quantile_softmax", tau="auto"),
+        ref_weights(q, "softmax", (q.max() - q.min()) / 2), rtol=1e-5,
+    )
+    const = jnp.full((2, 5), 1.25)
+    for s, v in (("softmax", 1.0), ("quantile_softmax", 1.0), ("softmax_centered", 0.0)):
+        w = compute_weights(const, s, tau="auto")
+        assert np.all(np.isfinite(np.asarray(w)))
+        np.testing.assert_array_equal(w, np.full((2, 5), v))
+
+
+# --------------------------------------------------------------------------------------------
+# Property tests.
+
+
+@HYP
+@given(float_groups)
+def test_property_finite_sums_ordering(values):
+    r = np.asarray(values, np.float32)
+    g = r.size
+    ws = {s: np.asarray(w) for s, w in _all_schemes(r).items()}
+    for s, w in ws.items():
+        assert w.shape == (g,) and np.all(np.isfinite(w)), (s, r, w)
+        # float32 rounding of the sum grows with G and the largest weight.
+        if s in SUM_ZERO:
+            np.testing.assert_allclose(w.sum(), 0.0, atol=1e-5 * g * (1 + np.abs(w).max()), err_msg=s)
+        if s in SUM_G:
+            np.testing.assert_allclose(w.sum(), g, rtol=1e-5, err_msg=s)
+        _check_ordering(r, w, strict=False, msg=s)
+
+
+@HYP
+@given(grid_groups, st.integers(-160, 160).map(lambda k: k / 4.0))
+def test_property_shift_invariance_and_strict_ordering(values, shift):
+    # Grid values keep r + shift exact in float32, so the invariance holds to rounding, ties included.
+    r = np.asarray(values, np.float32)
+    w0 = {s: np.asarray(w) for s, w in _all_schemes(r).items()}
+    w1 = {s: np.asarray(w) for s, w in _all_schemes(r + np.float32(shift)).items()}
+    for s in SHIFT_INVARIANT:
+        np.testing.assert_allclose(w1[s], w0[s], rtol=1e-5, atol=1e-5, err_msg=s)
+    # softmax_centered = softmax - 1 loses strictness to rounding where softmax ~ 1e-8; skip it here.
+    for s in STRICT:
+        if s != "softmax_centered":
+            _check_ordering(r, w0[s], strict=True, msg=s)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors.
+
+
+R4 = jnp.asarray([0.0, 1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,rewards,word",
+    [
+        (dict(scheme="nope"), R4, "scheme"),
+        (dict(scheme="Softmax", tau=1.0), R4, "scheme"),
+        (dict(scheme="softmax", tau=0.0), R4, "tau"),
+        (dict(scheme="softmax", tau=-1.0), R4, "tau"),
+        (dict(scheme="softmax", tau=float("nan")), R4, "tau"),
+        (dict(scheme="softmax", tau=float("inf")), R4, "tau"),
+        (dict(scheme="softmax", tau=jnp.asarray(-2.0)), R4, "tau"),
+        (dict(scheme="softmax", tau="foo"), R4, "tau"),
+        (dict(scheme="linear", tau="foo"), R4, "tau"),
+        (dict(scheme="softmax", tau=jnp.asarray([1.0, 2.0])), R4, "tau"),
+        (dict(scheme="softmax"), R4, "tau"),
+        (dict(scheme="softmax_centered"), R4, "tau"),
+        (dict(scheme="quantile_softmax"), R4, "tau"),
+        (dict(scheme="linear"), jnp.asarray([1.0]), "G >= 2"),
+        (dict(scheme="linear"), jnp.zeros((5, 1)), "G >= 2"),
+        (dict(scheme="linear"), jnp.asarray(1.0), "G >= 2"),
+    ],
+)
+def test_errors(kwargs, rewards, word):
+    with pytest.raises(ValueError, match=word.replace("+", r"\+")) as info:
+        compute_weights(rewards, **kwargs)
+    if word == "G >= 2":
+        assert "rewards" in str(info.value)
+    # Raised at trace time, inside jit too.
+    with pytest.raises(ValueError, match=word):
+        jax.jit(lambda r: compute_weights(r, **kwargs))(rewards)
+
+
+def test_scheme_index_and_by_index_errors():
+    with pytest.raises(ValueError, match="scheme"):
+        weighting.scheme_index("nope")
+    with pytest.raises(ValueError, match="rewards"):
+        weighting.compute_weights_by_index(jnp.zeros((3, 1)), 0, 1.0)
+
+
+def test_schemes_without_tau_accept_none():
+    for s in sorted(set(SCHEME_NAMES) - weighting.NEEDS_TAU):
+        assert np.all(np.isfinite(np.asarray(compute_weights(R4, s))))
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnostics.
+
+
+def test_group_weight_stats_by_hand():
+    w = jnp.asarray([2.0, -1.0, 1.0, 0.0])
+    r = jnp.asarray([1.0, 0.0, 1.0, 0.5])
+    s = weighting.weight_stats(w, r)
+    # p = |w| / 4 = [1/2, 1/4, 1/4, 0]
+    expected = {
+        "max_weight": 2.0,
+        "min_weight": -1.0,
+        "weight_sum": 2.0,
+        "entropy": 0.5 * math.log(2) + 0.5 * math.log(4),
+        "effective_n": 1 / (0.25 + 2 * 0.0625),
+        "weight_on_best": 1.5,  # mean of w over the two samples tied at r = 1
+        "mass_on_best": 0.75,
+        "reward_mean": 0.625,
+        "reward_std": math.sqrt(0.6875 / 4),
+        "zero_std": 0.0,
+    }
+    assert set(s) == set(expected)
+    for k, v in expected.items():
+        assert s[k].shape == ()
+        np.testing.assert_allclose(float(s[k]), v, rtol=1e-6, err_msg=k)
+
+
+def test_weight_stats_uniform_and_zero():
+    g = 6
+    s = weighting.weight_stats(jnp.ones(g), jnp.asarray([0.0, 1, 2, 3, 4, 5]))
+    np.testing.assert_allclose(s["entropy"], math.log(g), rtol=1e-6)
+    np.testing.assert_allclose(s["effective_n"], g, rtol=1e-6)
+    np.testing.assert_allclose(s["mass_on_best"], 1 / g, rtol=1e-6)
+    z = weighting.weight_stats(jnp.zeros(g), jnp.full(g, 0.3))
+    assert float(z["entropy"]) == 0.0 and float(z["effective_n"]) == 0.0
+    assert float(z["mass_on_best"]) == 0.0 and float(z["zero_std"]) == 1.0
+    for v in z.values():
+        assert np.isfinite(float(v))
+
+
+def test_weight_stats_shapes():
+    r = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 5)), jnp.float32)
+    w = compute_weights(r, "softmax", tau=1.0)
+    s3 = weighting.weight_stats(w, r)
+    s2 = weighting.weight_stats(w[0], r[0])
+    for k in s3:
+        assert s3[k].shape == (2, 3), k
+        assert s2[k].shape == (3,), k
+        np.testing.assert_allclose(s2[k], s3[k][0], rtol=1e-6, err_msg=k)
+
+
+def test_summarize_weight_stats():
+    r = jnp.asarray([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 2.0, 3.0]])
+    w = compute_weights(r, "softmax", tau=1.0)
+    s = weighting.weight_stats(w, r)
+    out = weighting.summarize_weight_stats(s)
+    assert "zero_std" not in out
+    np.testing.assert_allclose(out["zero_std_frac"], 1 / 3, rtol=1e-6)
+    for k in weighting.WEIGHT_SHAPE_STATS:  # informative groups 0 and 2 only
+        np.testing.assert_allclose(out[k], (s[k][0] + s[k][2]) / 2, rtol=1e-6, err_msg=k)
+    for k in ("reward_mean", "reward_std", "weight_sum", "min_weight"):
+        np.testing.assert_allclose(out[k], np.mean(np.asarray(s[k])), rtol=1e-6, err_msg=k)
+    # All groups constant: weight-shape stats are 0 (no division by zero), frac is 1.
+    flat = weighting.summarize_weight_stats(weighting.weight_stats(jnp.ones((2, 3)), jnp.ones((2, 3))))
+    assert float(flat["zero_std_frac"]) == 1.0
+    for k in weighting.WEIGHT_SHAPE_STATS:
+        assert float(flat[k]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Tau schedules.
+
+
+def test_schedules_reexported():
+    assert weighting.make_tau_schedule is schedules.make_tau_schedule
+    assert weighting.TAU_SCHEDULES == ("constant", "linear", "cosine")
+
+
+def test_constant_schedule():
+    s = schedules.make_tau_schedule("constant", 0.3)
+    for t in (0, 1, 1000):
+        np.testing.assert_allclose(s(t), 0.3, rtol=1e-7)
+
+
+def test_linear_schedule():
+    s = schedules.make_tau_schedule("linear", 0.75, 0.25, 10)
+    np.testing.assert_allclose(s(0), 0.75, rtol=1e-7)
+    np.testing.assert_allclose(s(5), 0.5, rtol=1e-6)
+    for t in (10, 11, 1000):
+        np.testing.assert_allclose(s(t), 0.25, rtol=1e-7)
+    np.testing.assert_allclose(jax.jit(s)(jnp.int32(5)), 0.5, rtol=1e-6)
+
+
+def test_cosine_schedule():
+    s = schedules.make_tau_schedule("cosine", 0.75, 0.25, 10)
+    assert float(s(0)) == float(np.float32(0.75))
+    assert float(s(10)) == float(np.float32(0.25))
+    assert float(s(50)) == float(np.float32(0.25))
+    np.testing.assert_allclose(s(5), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(s(2), 0.25 + 0.5 * (1 + math.cos(math.pi * 0.2)) / 2, rtol=1e-6)
+    up = schedules.make_tau_schedule("cosine", 0.25, 2.0, 10)  # annealing upwards works too
+    np.testing.assert_allclose([up(0), up(5), up(10)], [0.25, 1.125, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (("exponential", 1.0, 0.1, 10), "schedule"),
+        (("constant", 0.0), "tau"),
+        (("constant", -1.0), "tau"),
+        (("constant", float("nan")), "tau"),
+        (("linear", 1.0, 0.0, 10), "tau_end"),
+        (("linear", 1.0, None, 10), "tau_end"),
+        (("cosine", 1.0, None, 10), "tau_end"),
+        (("linear", 1.0, 0.1, 0), "steps"),
+        (("cosine", 1.0, 0.1, None), "steps"),
+    ],
+)
+def test_schedule_errors(args, word):
+    with pytest.raises(ValueError, match=word):
+        schedules.make_tau_schedule(*args)
