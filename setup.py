@@ -21,6 +21,10 @@ setup(
         "tensorflow-datasets>=4.9.4",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        # Hugging Face checkpoints and tokenizers (models/hf.py), read without torch.
+        "safetensors>=0.4.3",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
     ],
     extras_require={
         "dev": [
@@ -29,6 +33,10 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # Parity tests and side-by-side benchmarks only. torch is pinned: its CPU build is on
+            # disk here, and an unpinned torch pulls a CUDA build of several GB.
+            "torch==2.13.0",
+            "transformers>=4.45",
         ],
     },
 )

@@ -30,7 +30,7 @@ Interface (B rows, T tokens, V vocab; `model` is a `Qwen2` or a `(graphdef, stat
 
 Cache semantics: rows write slots in order; slot `index[b]` is the next one. A query in slot t sees
 every valid slot <= t of its own row plus, with a shared prefix, every valid prefix slot of its
-prompt `b // G`. Writes past `max_len` are dropped by XLA's scatter (no error inside jit): size the
+prompt `b // G`. Writes past `max_len` are dropped (scatter mode="drop"; no error inside jit): size the
 cache for prompt + new tokens. A finished row may keep decoding; its outputs are simply ignored.
 """
 from __future__ import annotations
@@ -291,7 +291,7 @@ class Qwen2(nnx.Module):
             chex.assert_shape(cache.index, (b,))
             rows = jnp.arange(b)[:, None]
             slots = cache.index[:, None] + jnp.arange(t)[None]  # [B,T]
-            valid = cache.valid.at[rows, slots].set(mask)
+            valid = cache.valid.at[rows, slots].set(mask, mode="drop")
             own_mask = valid[:, None, :] & (jnp.arange(s_max)[None, None, :] <= slots[:, :, None])
             bp = b if cache.prefix_valid is None else cache.prefix_valid.shape[0]
             if b % bp:
@@ -310,8 +310,8 @@ class Qwen2(nnx.Module):
             if cache is None:
                 segments = [(k, v, attn_mask)]
             else:
-                new_k = new_k.at[i, rows, slots].set(k.astype(new_k.dtype))
-                new_v = new_v.at[i, rows, slots].set(v.astype(new_v.dtype))
+                new_k = new_k.at[i, rows, slots].set(k.astype(new_k.dtype), mode="drop")
+                new_v = new_v.at[i, rows, slots].set(v.astype(new_v.dtype), mode="drop")
                 segments = [(new_k[i].reshape(bp, g, s_max, kvh, hd), new_v[i].reshape(bp, g, s_max, kvh, hd),
                              own_mask)]
                 if cache.prefix_k is not None:
