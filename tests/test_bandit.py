@@ -47,7 +47,7 @@ def test_make_bandit_rejects_bad_arguments(kwargs):
 def test_inverse_cdf_sampler_matches_the_policy():
     logits = jnp.array([0.0, 1.0, -1.0, 2.0, 0.5])
     n = 200_000
-    a = categorical.sample_actions(jax.random.PRNGKey(0), logits, n)
+    a = categorical.sample_actions(jax.random.PRNGKey(0), jnp.exp(logits), n)
     freq = np.bincount(np.asarray(a), minlength=5) / n
     p = np.asarray(jax.nn.softmax(logits))
     # 5 binomial standard errors per cell.
@@ -62,6 +62,22 @@ def test_gradient_is_the_weighted_score_function():
     pi = np.asarray(jax.nn.softmax(logits))
     expected = -sum(float(w[i]) * (np.eye(4)[int(actions[i])] - pi) for i in range(4)) / 4
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+    closed_form = categorical.weighted_nll_grad(jnp.asarray(pi), actions, w)
+    np.testing.assert_allclose(closed_form, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_actions", [7, 64, 1000, 1500])
+def test_blocked_sampler_is_exact_in_distribution(num_actions):
+    # Uneven, padded block layouts and zero-probability actions, which must never be drawn.
+    logits = jax.random.normal(jax.random.PRNGKey(num_actions), (num_actions,)) * 2.0
+    e = jnp.exp(logits).at[::5].set(0.0)
+    n = 400_000
+    a = np.asarray(categorical.sample_actions(jax.random.PRNGKey(1), e, n))
+    assert a.min() >= 0 and a.max() < num_actions
+    freq = np.bincount(a, minlength=num_actions) / n
+    p = np.asarray(e / jnp.sum(e))
+    assert freq[::5].sum() == 0
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-6)
 
 
 def test_make_hparams_has_one_tau_free_entry_per_lr():
@@ -86,7 +102,8 @@ def test_compiled_sweep_equals_step_by_step_replay(optimizer, schemes):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(hp, env, state, key):
-        return categorical.policy_step(hp, env, state, key, **kw)
+        state, record = categorical.policy_step(hp, env, state, key, **kw)
+        return state, categorical.step_metrics(record, env, bandit_env.arm_values)
 
     for c in range(hps.scheme_index.shape[0]):
         hp = jax.tree.map(lambda x: x[c], hps)
