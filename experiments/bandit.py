@@ -21,6 +21,7 @@ from envs import bandit as bandit_env
 from rlsoft import categorical, weighting
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import TensorBoardLogger, format_table
+from rlsoft.sharding import make_mesh, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,9 @@ def run_sweep(cfg: BanditConfig) -> tuple[categorical.HParams, dict[str, np.ndar
     streams = jax.vmap(lambda k: jax.random.split(k, 2))(seed_keys)
     env_keys, policy_keys = streams[:, 0], streams[:, 1]
     envs = bandit_env.make_bandits(env_keys, cfg.arms, cfg.paying_arms, 1.0, cfg.noise_std)
+    mesh = make_mesh()
+    if cfg.seeds % mesh.size == 0:  # seeds are independent: split them across the devices
+        envs, policy_keys = shard_batch((envs, policy_keys), mesh)
     hps = categorical.make_hparams(cfg.schemes, cfg.taus, cfg.lrs)
     metrics = categorical.sweep(
         hps, envs, policy_keys,
