@@ -124,7 +124,7 @@ def jax_sweep(cfg: BenchConfig) -> tuple[dict[str, np.ndarray], float, float]:
     payouts = jax.nn.one_hot(best, cfg.arms, dtype=jax.numpy.float32)
     envs = bandit_env.Bandit(payouts, jax.numpy.zeros((cfg.seeds,), jax.numpy.float32))
     hps = categorical.make_hparams(["linear"], (), (cfg.lr,))
-    kw = dict(num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.pull,
+    kw = dict(num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.pull_noiseless,
               values_fn=bandit_env.arm_values, group_size=cfg.group_size, optimizer="sgd")
     start = time.perf_counter()
     compiled = categorical.sweep.lower(hps, envs, keys, **kw).compile()

@@ -48,6 +48,18 @@ def pull(bandit: Bandit, key: chex.PRNGKey, arms: chex.Array) -> chex.Array:
     return bandit.payouts[arms] + bandit.noise_std * noise
 
 
+def pull_noiseless(bandit: Bandit, key: chex.PRNGKey, arms: chex.Array) -> chex.Array:
+    """`pull` for bandits with noise_std == 0: draws no normals (the PRNG is a large share of a step)."""
+    del key
+    chex.assert_rank(arms, 1)
+    return bandit.payouts[arms]
+
+
+def reward_fn_for(noise_std: float):
+    """The pull function to compile for a given noise level (a static choice, not a traced one)."""
+    return pull if noise_std > 0 else pull_noiseless
+
+
 def arm_values(bandit: Bandit) -> chex.Array:
     """Expected reward of each arm: [K]."""
     return bandit.payouts

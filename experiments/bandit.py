@@ -87,7 +87,7 @@ def run_sweep(cfg: BanditConfig) -> tuple[categorical.HParams, dict[str, np.ndar
     hps = categorical.make_hparams(cfg.schemes, cfg.taus, cfg.lrs)
     metrics = categorical.sweep(
         hps, envs, policy_keys,
-        num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.pull,
+        num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.reward_fn_for(cfg.noise_std),
         values_fn=bandit_env.arm_values, group_size=cfg.group_size, optimizer=cfg.optimizer,
     )
     return hps, jax.tree.map(np.asarray, metrics)

@@ -30,6 +30,15 @@ def test_make_bandit_pays_exactly_the_chosen_arms():
     np.testing.assert_array_equal(bandit_env.pull(b, jax.random.PRNGKey(1), arms), b.payouts)
 
 
+def test_noiseless_pull_equals_pull_without_noise():
+    b = bandit_env.make_bandit(jax.random.PRNGKey(0), 30, num_paying=2)
+    arms = jnp.arange(30)
+    np.testing.assert_array_equal(bandit_env.pull_noiseless(b, jax.random.PRNGKey(1), arms),
+                                  bandit_env.pull(b, jax.random.PRNGKey(1), arms))
+    assert bandit_env.reward_fn_for(0.0) is bandit_env.pull_noiseless
+    assert bandit_env.reward_fn_for(0.1) is bandit_env.pull
+
+
 def test_noisy_pull_has_the_requested_noise():
     b = bandit_env.make_bandit(jax.random.PRNGKey(0), 10, noise_std=0.5)
     arms = jnp.zeros((20000,), jnp.int32)
