@@ -264,9 +264,11 @@ class Qwen2(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, False)
 
     def __call__(self, tokens, positions, mask=None, segment_ids=None, cache: Optional[KVCache] = None,
-                 return_kv: bool = False):
+                 return_kv: bool = False, last_only: bool = False):
         """Logits [B,T,V] fp32; with `cache`, also the updated cache; with `return_kv`, also the
-        per-layer (k, v) [L,B,T,H_kv,D] of these tokens (used to build a shared prefix)."""
+        per-layer (k, v) [L,B,T,H_kv,D] of these tokens (used to build a shared prefix).
+        `last_only` gives logits [B,1,V] of the last position only (XLA does not slice the LM head
+        through a later `[:, -1]`, so a prefill would otherwise hold [B,T,V] fp32 logits)."""
         cfg = self.cfg
         b, t = tokens.shape
         chex.assert_shape(positions, (b, t))
@@ -321,7 +323,7 @@ class Qwen2(nnx.Module):
             x = x + layer.self_attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
 
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         logits = (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
         out = (logits,)
         if cache is not None:
@@ -338,9 +340,10 @@ def _as_module(model: ModelLike) -> Qwen2:
     return nnx.merge(*model) if isinstance(model, tuple) else model
 
 
-def prefill(model: ModelLike, cache: KVCache, tokens, positions, mask=None):
-    """Write T tokens per row into the next cache slots; logits [B,T,V] fp32 and the new cache."""
-    return _as_module(model)(tokens, positions, mask, cache=cache)
+def prefill(model: ModelLike, cache: KVCache, tokens, positions, mask=None, last_only: bool = False):
+    """Write T tokens per row into the next cache slots; logits [B,T,V] fp32 ([B,1,V] with
+    `last_only`) and the new cache."""
+    return _as_module(model)(tokens, positions, mask, cache=cache, last_only=last_only)
 
 
 def decode_step(model: ModelLike, cache: KVCache, tokens, positions):
@@ -350,16 +353,18 @@ def decode_step(model: ModelLike, cache: KVCache, tokens, positions):
     return logits[:, 0], cache
 
 
-def prefill_shared(model: ModelLike, tokens, positions, mask, group_size: int, max_new: int):
+def prefill_shared(model: ModelLike, tokens, positions, mask, group_size: int, max_new: int,
+                   last_only: bool = False):
     """Prefill Bp prompts once and return a cache for Bp * group_size rows sharing them.
 
     The prompts' K/V become the cache prefix [L,Bp,P,...]; each row gets `max_new` private slots.
-    Returns logits [Bp,P,V] (the last position gives every row of the group its first token).
+    Returns logits [Bp,P,V] ([Bp,1,V] with `last_only`; the last position gives every row of the
+    group its first token).
     """
     if group_size <= 0 or max_new <= 0:
         raise ValueError(f"group_size={group_size}, max_new={max_new} is invalid; both must be positive")
     module = _as_module(model)
-    logits, (k, v) = module(tokens, positions, mask, return_kv=True)
+    logits, (k, v) = module(tokens, positions, mask, return_kv=True, last_only=last_only)
     bp = tokens.shape[0]
     cache = init_cache(module.cfg, bp * group_size, max_new, dtype=k.dtype)
     mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
