@@ -38,3 +38,12 @@ def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True) -> DecodeF
         return qwen2.decode_step((graphdef, params), cache, tokens, positions)
 
     return DecodeFns(prefill=prefill, step=step)
+
+
+def train_forward(graphdef: nnx.GraphDef):
+    """The training forward as a pure function: (params, tokens, positions, mask) -> logits [B,T,V] f32."""
+
+    def forward(params, tokens, positions, mask):
+        return nnx.merge(graphdef, params)(tokens, positions, mask)
+
+    return forward

@@ -1,0 +1,268 @@
+"""The canonical update of every language-model experiment: weights -> token-level loss -> AdamW.
+
+One RL step of `rlsoft.train_loop` is rollout -> reward -> weights -> update. This module holds the
+pure, jitted part: given a batch of prompts + sampled responses and their rewards (one group of G
+per question), it computes the per-sample weights with any `rlsoft.weighting` scheme, the
+teacher-forced log-probs, the token-level policy loss (`rlsoft.losses`: PPO clipping, KL to a
+frozen reference, entropy bonus), an optional supervised term on ground-truth solutions (seed
+001's teacher forcing: L = L_RL + sl_weight * L_SL), and applies AdamW with gradient clipping and
+warmup, accumulating gradients over micro-batches. A step whose loss or gradient is not finite is
+skipped (params and optimizer state unchanged) and counted.
+
+It knows no model: `forward(params, tokens[B,L], positions[B,L], mask[B,L]) -> logits[B,L,V]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlsoft import losses, weighting
+from rlsoft.config import check
+from rlsoft.rollout import prompt_positions
+
+ForwardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """Everything the jitted update needs to know statically."""
+
+    scheme: str = "softmax"
+    tau: Union[float, str] = 0.5  # a float (then scheduled by the loop) or "auto"
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    micro_batches: int = 1
+    ppo_epochs: int = 1
+    aggregation: str = "token_mean"
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    sl_weight: float = 0.0
+    log_tau: float = 0.5  # the temperature of the softmax weights logged beside every scheme
+
+    def __post_init__(self):
+        weighting.validate_scheme(self.scheme)
+        if self.scheme in weighting.NEEDS_TAU or isinstance(self.tau, str):
+            weighting.validate_tau(self.tau, self.scheme)
+        check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+              f"learning_rate={self.learning_rate} is invalid; need a finite value > 0")
+        check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} is invalid; need >= 0")
+        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} is invalid; need >= 0")
+        check(self.grad_clip > 0, f"grad_clip={self.grad_clip} is invalid; need > 0")
+        check(self.micro_batches >= 1, f"micro_batches={self.micro_batches} is invalid; need >= 1")
+        check(self.ppo_epochs >= 1, f"ppo_epochs={self.ppo_epochs} is invalid; need >= 1")
+        check(self.sl_weight >= 0, f"sl_weight={self.sl_weight} is invalid; need >= 0")
+        weighting.validate_tau(self.log_tau)
+        self.loss_config()  # validates the loss fields
+
+    def loss_config(self) -> losses.PolicyLossConfig:
+        return losses.PolicyLossConfig(
+            aggregation=self.aggregation, clip_eps=self.clip_eps, kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef)
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: optimizer steps taken (skipped ones included)
+    skipped: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
+    ref_params: Any  # frozen reference for the KL term (None when kl_coef == 0)
+
+
+class Batch(NamedTuple):
+    """B = questions x G' rows (G' = G, plus one if the ground truth is injected)."""
+
+    prompts: jax.Array  # [B,P] int32, left-padded
+    prompt_mask: jax.Array  # [B,P] bool
+    responses: jax.Array  # [B,N] int32
+    response_mask: jax.Array  # [B,N] bool
+    rewards: jax.Array  # [Q,G'] f32, one group per question
+    tau: jax.Array  # f32 scalar, this step's temperature (ignored when tau == "auto")
+    sl_responses: jax.Array  # [S,N] int32 ground-truth responses for the supervised term
+    sl_prompts: jax.Array  # [S,P]
+    sl_prompt_mask: jax.Array  # [S,P]
+    sl_mask: jax.Array  # [S,N] bool (all False when there is no supervised term)
+
+
+def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW with a linear warmup to a constant rate."""
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+         optax.constant_schedule(cfg.learning_rate)], [max(cfg.warmup_steps, 1)]
+    ) if cfg.warmup_steps > 0 else optax.constant_schedule(cfg.learning_rate)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay),
+    )
+
+
+def init_state(params: Any, cfg: UpdateConfig) -> TrainState:
+    ref = jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None
+    return TrainState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32),
+                      jnp.zeros((), jnp.int32), ref)
+
+
+def sequence_log_probs(forward: ForwardFn, params, prompts, prompt_mask, responses, response_mask):
+    """Teacher-forced log-probs [B,N] and entropies [B,N] of the response tokens.
+
+    The sequence is prompt (left-padded) + response; the logits at position i predict token i + 1,
+    so the response's log-probs come from positions P - 1 .. P + N - 2.
+    """
+    p = prompts.shape[1]
+    tokens = jnp.concatenate([prompts, responses], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(bool)
+    logits = forward(params, tokens, prompt_positions(mask), mask)[:, p - 1:-1]
+    return losses.token_log_probs(logits, responses), losses.token_entropy(logits)
+
+
+def group_weights(rewards: jax.Array, scheme: str, tau, batch_tau: jax.Array) -> jax.Array:
+    """[Q,G] rewards -> [Q,G] weights; a float tau is the loop's scheduled value (traced)."""
+    return weighting.compute_weights(rewards, scheme, tau="auto" if tau == "auto" else batch_tau)
+
+
+def _micro(x: jax.Array, m: int) -> jax.Array:
+    return x.reshape((m, x.shape[0] // m) + x.shape[1:])
+
+
+def _loss_shares(mask: jax.Array, m: int, aggregation: str) -> jax.Array:
+    """Each micro-batch's share of the batch loss, so that accumulation is exact.
+
+    A micro-batch's loss is a mean over its own tokens (token_mean) or non-empty sequences
+    (seq_mean); weighting it by its share of those units gives the full-batch mean.
+    """
+    mb = _micro(mask.astype(jnp.float32), m)
+    units = jnp.sum(mb, axis=2) if aggregation == "token_mean" else jnp.sum(mb, axis=2) > 0
+    per = jnp.sum(units.astype(jnp.float32), axis=1)
+    return per / jnp.maximum(jnp.sum(per), 1.0)
+
+
+def _apply_accumulated(params, opt_state, tx, loss_fn, micro_xs):
+    """Sum the gradients of `loss_fn(params, x) -> (loss, metrics)` over the micro-batches of
+    `micro_xs` (leading axis), apply them with `tx`, and skip the update if anything is not finite.
+
+    Each micro-batch's loss must already carry its share of the batch mean (`_loss_shares`).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    first = jax.tree.map(lambda x: x[0], micro_xs)
+    (_, metric_shape), _ = jax.eval_shape(grad_fn, params, first)
+
+    def accumulate(acc, x):
+        (loss, metrics), grads = grad_fn(params, x)
+        return jax.tree.map(jnp.add, acc, (grads, loss, metrics)), None
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, jnp.zeros(()), metric_shape))
+    (grads, loss, metrics), _ = jax.lax.scan(accumulate, zeros, micro_xs)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
+    return keep(optax.apply_updates(params, updates), params), keep(new_opt, opt_state), metrics
+
+
+def _finish(state: TrainState, params, opt_state, per_epoch) -> tuple[TrainState, dict]:
+    skipped = jnp.sum(1.0 - per_epoch["finite"]).astype(jnp.int32)
+    metrics = jax.tree.map(lambda v: v[-1], per_epoch)
+    metrics["skipped_updates"] = skipped.astype(jnp.float32)
+    return TrainState(params, opt_state, state.step + 1, state.skipped + skipped, state.ref_params), metrics
+
+
+def update(state: TrainState, batch: Batch, *, forward: ForwardFn, cfg: UpdateConfig):
+    """One RL update (ppo_epochs passes over the batch). Pure: (state, batch) -> (state, metrics).
+
+    `batch.sl_*` rows (one per question, may be empty) add `sl_weight * L_SL` when sl_weight > 0.
+    """
+    q, g = batch.rewards.shape
+    chex.assert_axis_dimension(batch.responses, 0, q * g)
+    m = cfg.micro_batches
+    loss_cfg = cfg.loss_config()
+    weights = group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau)
+    seq = (batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask)
+    old_logp = jax.lax.stop_gradient(sequence_log_probs(forward, state.params, *seq)[0])
+    ref_logp = old_logp
+    if cfg.kl_coef > 0:
+        ref_logp = jax.lax.stop_gradient(sequence_log_probs(forward, state.ref_params, *seq)[0])
+    use_sl = cfg.sl_weight > 0 and batch.sl_responses.shape[0] > 0
+    sl = (batch.sl_prompts, batch.sl_prompt_mask, batch.sl_responses, batch.sl_mask)
+    xs = {
+        "rl": jax.tree.map(lambda x: _micro(x, m), seq + (weights.reshape(-1), old_logp, ref_logp)),
+        "rl_share": _loss_shares(batch.response_mask, m, cfg.aggregation),
+        "sl": jax.tree.map(lambda x: _micro(x, m), sl) if use_sl else None,
+        "sl_share": _loss_shares(batch.sl_mask, m, cfg.aggregation) if use_sl else None,
+    }
+
+    def loss_fn(params, x):
+        prompts, pmask, resp, rmask, w, old, ref = x["rl"]
+        logp, ent = sequence_log_probs(forward, params, prompts, pmask, resp, rmask)
+        loss, metrics = losses.policy_loss(
+            logp, old, rmask, jax.lax.stop_gradient(w), loss_cfg,
+            ref_logp=ref if cfg.kl_coef > 0 else None, entropy=ent if cfg.entropy_coef > 0 else None)
+        metrics = jax.tree.map(lambda v: v * x["rl_share"], metrics)
+        loss = loss * x["rl_share"]
+        if use_sl:
+            sl_logp, _ = sequence_log_probs(forward, params, *x["sl"])
+            sl_loss = losses.sft_loss(sl_logp, x["sl"][3], cfg.aggregation) * x["sl_share"]
+            loss = loss + cfg.sl_weight * sl_loss
+            metrics["sl_loss"] = sl_loss
+        return loss, metrics
+
+    tx = make_optimizer(cfg)
+
+    def epoch(carry, _):
+        params, opt_state, metrics = _apply_accumulated(*carry, tx, loss_fn, xs)
+        return (params, opt_state), metrics
+
+    (params, opt_state), per_epoch = jax.lax.scan(epoch, (state.params, state.opt_state), None,
+                                                  length=cfg.ppo_epochs)
+    state, metrics = _finish(state, params, opt_state, per_epoch)
+    metrics.update(weight_metrics(batch.rewards, weights, cfg.log_tau))
+    metrics["tau"] = batch.tau
+    return state, metrics
+
+
+def sft_update(state: TrainState, prompts, prompt_mask, responses, response_mask, *, forward: ForwardFn,
+               cfg: UpdateConfig):
+    """One supervised update on ground-truth responses (the warm start): L_SL only."""
+    m = cfg.micro_batches
+    xs = {"seq": jax.tree.map(lambda x: _micro(x, m), (prompts, prompt_mask, responses, response_mask)),
+          "share": _loss_shares(response_mask, m, cfg.aggregation)}
+
+    def loss_fn(params, x):
+        logp, _ = sequence_log_probs(forward, params, *x["seq"])
+        loss = losses.sft_loss(logp, x["seq"][3], cfg.aggregation) * x["share"]
+        return loss, {"sl_loss": loss}
+
+    params, opt_state, metrics = _apply_accumulated(state.params, state.opt_state, make_optimizer(cfg),
+                                                    loss_fn, xs)
+    return _finish(state, params, opt_state, jax.tree.map(lambda v: v[None], metrics))
+
+
+def weight_metrics(rewards: jax.Array, weights: jax.Array, log_tau: float) -> dict[str, jax.Array]:
+    """The training scheme's weight stats plus linear and softmax weights side by side (seed 000)."""
+    out = {}
+    linear = weighting.compute_weights(rewards, "linear")
+    soft = weighting.compute_weights(rewards, "softmax", tau=log_tau)
+    for prefix, w in (("weights", weights), ("linear", linear), ("softmax", soft)):
+        stats = weighting.summarize_weight_stats(weighting.weight_stats(w, rewards))
+        out.update({f"{prefix}/{k}": v for k, v in stats.items()
+                    if k in weighting.WEIGHT_SHAPE_STATS or prefix == "weights"})
+    return out
+
+
+def make_update(forward: ForwardFn, cfg: UpdateConfig):
+    """`update` and `sft_update` jitted once each, donating the old state."""
+    rl = jax.jit(functools.partial(update, forward=forward, cfg=cfg), donate_argnums=0)
+    sft = jax.jit(functools.partial(sft_update, forward=forward, cfg=cfg), donate_argnums=0)
+    return rl, sft
