@@ -48,6 +48,10 @@ class CountdownConfig(TrainConfig):
     num_train: int = 20000
     data: str = ""  # a Countdown-Tasks-3to4 parquet (file or folder); empty: generated problems
     data_seed: int = 0
+    # Generated problems: how many numbers, and their range (the CPU default is an easier Countdown).
+    sizes: tuple[int, ...] = (3,)
+    max_number: int = 30
+    max_target: int = 100
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "rlsoft")
 
     def __post_init__(self):
@@ -57,12 +61,16 @@ class CountdownConfig(TrainConfig):
         check(not self.model or os.path.isdir(self.model), f"model={self.model} is not a directory")
         check(not self.data or os.path.exists(self.data), f"data={self.data} does not exist")
         check(self.vocab_size >= 16, f"vocab_size={self.vocab_size} is invalid; need >= 16")
+        check(len(self.sizes) > 0 and all(n in (2, 3, 4, 5) for n in self.sizes),
+              f"sizes={self.sizes} is invalid; allowed: numbers of 2..5")
+        check(self.max_number >= 2, f"max_number={self.max_number} is invalid; need >= 2")
+        check(self.max_target >= 1, f"max_target={self.max_target} is invalid; need >= 1")
 
 
 PRESETS = {
     "smoke": dict(steps=2, sft_steps=2, questions_per_step=4, group_size=4, eval_every=0, eval_questions=8,
                   eval_batch=8, num_train=200, max_new_tokens=16, checkpoint_every=2, progress=False),
-    "qwen": dict(learning_rate=1e-6, warmup_steps=0, sft_steps=0, max_new_tokens=1024, eval_batch=16,
+    "qwen": dict(sizes=(3, 4), max_number=99, learning_rate=1e-6, warmup_steps=0, sft_steps=0, max_new_tokens=1024, eval_batch=16,
                  questions_per_step=32, group_size=8, micro_batches=8),
 }
 
@@ -112,7 +120,8 @@ def build(cfg: CountdownConfig):
                                              or cfg.sl_weight > 0)
         train = train[: cfg.num_train]
     else:
-        train, test = countdown.make_splits(cfg.num_train, seed=cfg.data_seed)
+        train, test = countdown.make_splits(cfg.num_train, seed=cfg.data_seed, sizes=cfg.sizes,
+                                            max_number=cfg.max_number, max_target=cfg.max_target)
     if cfg.model:
         from models import hf
 

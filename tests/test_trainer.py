@@ -1,0 +1,167 @@
+"""rlsoft.trainer on a toy bigram "model": exact micro-batching, the non-finite guard, logging."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlsoft import losses, trainer, weighting
+
+V, P, N, Q, G = 11, 3, 4, 4, 3
+
+
+def forward(params, tokens, positions, mask):
+    """Logits of the next token from the current one (a bigram table) plus a position bias."""
+    del mask
+    return params["table"][tokens] + params["pos"][positions][..., None]
+
+
+def _params(key=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(key))
+    return {"table": jax.random.normal(k1, (V, V)), "pos": 0.1 * jax.random.normal(k2, (P + N,))}
+
+
+def _batch(seed=0, rewards=None):
+    rng = np.random.default_rng(seed)
+    b = Q * G
+    prompts = rng.integers(1, V, (b, P)).astype(np.int32)
+    pmask = np.ones((b, P), bool)
+    pmask[::2, 0] = False  # left padding on every other row
+    resp = rng.integers(1, V, (b, N)).astype(np.int32)
+    rmask = np.ones((b, N), bool)
+    rmask[1::3, 2:] = False  # some rows stop early
+    if rewards is None:
+        rewards = rng.choice([0.0, 0.1, 1.1], size=(Q, G)).astype(np.float32)
+    sl = rng.integers(1, V, (Q, N)).astype(np.int32)
+    return trainer.Batch(prompts, pmask, resp, rmask, rewards, np.float32(0.5), sl, prompts[::G], pmask[::G],
+                         np.ones((Q, N), bool))
+
+
+CFG = trainer.UpdateConfig(scheme="softmax", tau=0.5, learning_rate=1e-2, warmup_steps=0)
+
+
+def _run(cfg, batch, steps=1):
+    update, _ = trainer.make_update(forward, cfg)
+    state = trainer.init_state(_params(), cfg)
+    for _ in range(steps):
+        state, metrics = update(state, batch)
+    return state, metrics
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("sl_weight", [0.0, 0.5])
+def test_micro_batches_accumulate_exactly(aggregation, sl_weight):
+    # One epoch: a second Adam step divides near-zero gradients by their own RMS, which turns
+    # float rounding (different summation order) into visible differences.
+    base = dataclasses.replace(CFG, aggregation=aggregation, sl_weight=sl_weight, clip_eps=0.2)
+    one, m1 = _run(base, _batch())
+    two, m2 = _run(dataclasses.replace(base, micro_batches=2), _batch())
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+
+
+def test_ppo_epochs_reuse_the_rollout_policy_as_old():
+    cfg = dataclasses.replace(CFG, clip_eps=0.2, ppo_epochs=3, learning_rate=0.3)
+    _, metrics = _run(cfg, _batch())
+    # Metrics are the last epoch's: by then the policy has moved away from the sampling policy.
+    assert abs(float(metrics["ratio_mean"]) - 1.0) > 1e-3
+    _, one = _run(dataclasses.replace(cfg, ppo_epochs=1), _batch())
+    np.testing.assert_allclose(one["ratio_mean"], 1.0, rtol=1e-6)
+
+
+def test_loss_is_the_weighted_token_loss_of_the_batch():
+    batch = _batch()
+    cfg = dataclasses.replace(CFG, clip_eps=0.0)
+    _, metrics = _run(cfg, batch)
+    params = _params()
+    logp, _ = trainer.sequence_log_probs(forward, params, batch.prompts, batch.prompt_mask, batch.responses,
+                                         batch.response_mask)
+    w = weighting.compute_weights(batch.rewards, "softmax", tau=0.5).reshape(-1)
+    expected = -np.sum(np.asarray(w)[:, None] * np.asarray(logp) * batch.response_mask) / batch.response_mask.sum()
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+
+
+def test_sequence_log_probs_align_with_the_response():
+    params = _params()
+    batch = _batch()
+    logp, ent = trainer.sequence_log_probs(forward, params, batch.prompts, batch.prompt_mask, batch.responses,
+                                           batch.response_mask)
+    # Row 1 (no padding): token j of the response is predicted from the token before it.
+    row = 1
+    seq = np.concatenate([batch.prompts[row], batch.responses[row]])
+    pos = np.arange(P + N)
+    for j in range(N):
+        logits = np.asarray(forward(params, seq[None, P + j - 1], pos[None, P + j - 1], None))[0]
+        ref = logits[seq[P + j]] - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+        np.testing.assert_allclose(logp[row, j], ref, rtol=1e-5, atol=1e-5)
+    assert ent.shape == (Q * G, N)
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    rewards = np.zeros((Q, G), np.float32)
+    rewards[0, 0] = np.nan
+    state0 = trainer.init_state(_params(), CFG)
+    before = jax.tree.map(np.asarray, state0.params)
+    update, _ = trainer.make_update(forward, CFG)
+    state, metrics = update(state0, _batch(rewards=rewards))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.skipped) == 1 and int(state.step) == 1 and metrics["skipped_updates"] == 1.0
+    state, _ = update(state, _batch())  # a finite batch afterwards is applied
+    assert int(state.skipped) == 1
+    assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(before)[0])
+
+
+def test_linear_and_softmax_weights_are_logged_side_by_side():
+    _, metrics = _run(dataclasses.replace(CFG, scheme="rank"), _batch())
+    for prefix in ("weights", "linear", "softmax"):
+        for stat in ("max_weight", "entropy", "effective_n", "weight_on_best"):
+            assert f"{prefix}/{stat}" in metrics
+    rewards = _batch().rewards
+    lin = weighting.summarize_weight_stats(weighting.weight_stats(weighting.compute_weights(rewards, "linear"),
+                                                                  rewards))
+    np.testing.assert_allclose(metrics["linear/max_weight"], lin["max_weight"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["tau"], 0.5)
+
+
+def test_sft_update_lowers_the_supervised_loss_and_does_not_recompile():
+    cfg = dataclasses.replace(CFG, learning_rate=5e-2)
+    _, sft = trainer.make_update(forward, cfg)
+    state = trainer.init_state(_params(), cfg)
+    b = _batch()
+    args = (b.sl_prompts, b.sl_prompt_mask, b.sl_responses, b.sl_mask)
+    first = None
+    for _ in range(20):
+        state, metrics = sft(state, *args)
+        first = metrics["sl_loss"] if first is None else first
+    assert metrics["sl_loss"] < 0.7 * first
+    assert sft._cache_size() == 1
+
+
+def test_kl_reference_is_frozen():
+    cfg = dataclasses.replace(CFG, kl_coef=0.1)
+    state, metrics = _run(cfg, _batch(), steps=3)
+    ref = _params()
+    for a, b in zip(jax.tree.leaves(state.ref_params), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    assert metrics["kl"] > 0
+
+
+@pytest.mark.parametrize("field,value", [("scheme", "nope"), ("learning_rate", 0.0), ("micro_batches", 0),
+                                         ("aggregation", "sum"), ("tau", -1.0), ("clip_eps", 2.0)])
+def test_invalid_update_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(CFG, **{field: value})
+
+
+def test_losses_module_matches_trainer_sequence_log_probs():
+    params = _params()
+    b = _batch()
+    tokens = np.concatenate([b.prompts, b.responses], 1)
+    mask = np.concatenate([b.prompt_mask, b.response_mask], 1)
+    logits = forward(params, tokens, np.maximum(np.cumsum(mask, 1) - 1, 0), mask)[:, P - 1:-1]
+    logp, _ = trainer.sequence_log_probs(forward, params, b.prompts, b.prompt_mask, b.responses, b.response_mask)
+    np.testing.assert_allclose(logp, losses.token_log_probs(logits, jnp.asarray(b.responses)), rtol=1e-6)
