@@ -30,7 +30,8 @@ MARKUP = ("<think>", "</think>", "<answer>", "</answer>")
 class CountdownConfig(TrainConfig):
     scheme: str = "softmax"
     tau: float | str = 0.5
-    learning_rate: float = 3e-3
+    learning_rate: float = 3e-4
+    sft_learning_rate: float | None = 3e-3
     warmup_steps: int = 5
     steps: int = 40
     sft_steps: int = 150
@@ -113,7 +114,7 @@ def build(cfg: CountdownConfig):
     """Problems, tokenizer, model and task for `cfg` (the Flax model is created here)."""
     from flax import nnx
 
-    from models import qwen2, qwen2_decode
+    from models import qwen2, qwen2_decode, qwen2_train
 
     if cfg.data:
         train, test = countdown.load_parquet(cfg.data, with_solutions=cfg.sft_steps > 0 or cfg.inject_gt
@@ -138,7 +139,7 @@ def build(cfg: CountdownConfig):
         model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed))
         task = CountdownTask(train, test, tok, chat=False, stop_ids=(tok.eos_id,))
     graphdef, params = nnx.split(model)
-    policy = PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_decode.train_forward(graphdef))
+    policy = PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_train.train_forward(graphdef))
     return policy, params, task
 
 

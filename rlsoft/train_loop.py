@@ -60,7 +60,6 @@ class Task(Protocol):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(trainer.UpdateConfig):
     steps: int = 20  # RL steps, after the sft_steps warm-start steps
-    sft_steps: int = 0
     questions_per_step: int = 8
     group_size: int = 8
     inject_gt: bool = False
@@ -83,7 +82,7 @@ class TrainConfig(trainer.UpdateConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("steps", "sft_steps", "eval_every", "log_every", "checkpoint_every", "eval_questions"):
+        for name in ("steps", "eval_every", "log_every", "checkpoint_every", "eval_questions"):
             check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} is invalid; need >= 0")
         check(self.questions_per_step >= 1, f"questions_per_step={self.questions_per_step} is invalid; need >= 1")
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")

@@ -36,8 +36,10 @@ class UpdateConfig:
 
     scheme: str = "softmax"
     tau: Union[float, str] = 0.5  # a float (then scheduled by the loop) or "auto"
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4  # the RL rate
     warmup_steps: int = 10
+    sft_steps: int = 0  # warm-start steps before RL (run by the loop)
+    sft_learning_rate: Optional[float] = None  # None: learning_rate
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     adam_b1: float = 0.9
@@ -59,6 +61,9 @@ class UpdateConfig:
         check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
               f"learning_rate={self.learning_rate} is invalid; need a finite value > 0")
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} is invalid; need >= 0")
+        check(self.sft_steps >= 0, f"sft_steps={self.sft_steps} is invalid; need >= 0")
+        check(self.sft_learning_rate is None or (self.sft_learning_rate > 0 and math.isfinite(self.sft_learning_rate)),
+              f"sft_learning_rate={self.sft_learning_rate} is invalid; need a finite value > 0")
         check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} is invalid; need >= 0")
         check(self.grad_clip > 0, f"grad_clip={self.grad_clip} is invalid; need > 0")
         check(self.micro_batches >= 1, f"micro_batches={self.micro_batches} is invalid; need >= 1")
@@ -96,12 +101,27 @@ class Batch(NamedTuple):
     sl_mask: jax.Array  # [S,N] bool (all False when there is no supervised term)
 
 
+def learning_rate_schedule(cfg: UpdateConfig) -> optax.Schedule:
+    """Warmup to the rate of each phase: sft_learning_rate for the warm start, then learning_rate.
+
+    Each phase starts with a linear warmup of `warmup_steps` (RL after SFT wants a fresh warmup:
+    its gradients have a different scale).
+    """
+    def phase(rate):
+        if cfg.warmup_steps == 0:
+            return optax.constant_schedule(rate)
+        return optax.join_schedules([optax.linear_schedule(0.0, rate, cfg.warmup_steps),
+                                     optax.constant_schedule(rate)], [cfg.warmup_steps])
+
+    if cfg.sft_steps == 0:
+        return phase(cfg.learning_rate)
+    sft_rate = cfg.learning_rate if cfg.sft_learning_rate is None else cfg.sft_learning_rate
+    return optax.join_schedules([phase(sft_rate), phase(cfg.learning_rate)], [cfg.sft_steps])
+
+
 def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW with a linear warmup to a constant rate."""
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
-         optax.constant_schedule(cfg.learning_rate)], [max(cfg.warmup_steps, 1)]
-    ) if cfg.warmup_steps > 0 else optax.constant_schedule(cfg.learning_rate)
+    """clip_by_global_norm -> AdamW on `learning_rate_schedule`."""
+    schedule = learning_rate_schedule(cfg)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay),
