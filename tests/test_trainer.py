@@ -165,3 +165,12 @@ def test_losses_module_matches_trainer_sequence_log_probs():
     logits = forward(params, tokens, np.maximum(np.cumsum(mask, 1) - 1, 0), mask)[:, P - 1:-1]
     logp, _ = trainer.sequence_log_probs(forward, params, b.prompts, b.prompt_mask, b.responses, b.response_mask)
     np.testing.assert_allclose(logp, losses.token_log_probs(logits, jnp.asarray(b.responses)), rtol=1e-6)
+
+
+def test_learning_rate_schedule_has_a_warm_start_phase_then_the_rl_phase():
+    cfg = dataclasses.replace(CFG, learning_rate=1e-3, sft_learning_rate=1e-2, sft_steps=10, warmup_steps=4)
+    lr = trainer.learning_rate_schedule(cfg)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 4, 9)], [0.0, 5e-3, 1e-2, 1e-2], rtol=1e-6)
+    np.testing.assert_allclose([float(lr(s)) for s in (10, 12, 14, 100)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+    flat = trainer.learning_rate_schedule(dataclasses.replace(CFG, learning_rate=2e-3, warmup_steps=0))
+    assert float(flat(0)) == float(flat(1000)) == pytest.approx(2e-3)
