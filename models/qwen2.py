@@ -267,7 +267,8 @@ class Qwen2(nnx.Module):
                  return_kv: bool = False, last_only: bool = False):
         """Logits [B,T,V] fp32; with `cache`, also the updated cache; with `return_kv`, also the
         per-layer (k, v) [L,B,T,H_kv,D] of these tokens (used to build a shared prefix).
-        `last_only` gives logits [B,1,V] of the last position only (XLA does not slice the LM head
+        `last_only` gives logits [B,1,V] of the last position only, and runs the last layer's
+        attention and MLP for that position alone (XLA slices neither the LM head nor the last layer
         through a later `[:, -1]`, so a prefill would otherwise hold [B,T,V] fp32 logits)."""
         cfg = self.cfg
         b, t = tokens.shape
@@ -306,31 +307,41 @@ class Qwen2(nnx.Module):
         kvs = []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-            q = q.reshape(bp, g, t, kvh, rep, hd)
+            tq = t
+            if last_only and i == len(self.layers) - 1:
+                # Only the last position's output reaches the logits: the last layer needs that
+                # query alone (K/V stay whole). Measured: the tiny preset's B=64 x 128 prefill ~1.5x faster.
+                tq, q, x = 1, q[:, -1:], x[:, -1:]
+            q = q.reshape(bp, g, tq, kvh, rep, hd)
             if return_kv:
                 kvs.append((k, v))
             if cache is None:
-                segments = [(k, v, attn_mask)]
+                segments = [(k, v, attn_mask[:, :, t - tq:])]
             else:
                 new_k = new_k.at[i, rows, slots].set(k.astype(new_k.dtype), mode="drop")
                 new_v = new_v.at[i, rows, slots].set(v.astype(new_v.dtype), mode="drop")
                 segments = [(new_k[i].reshape(bp, g, s_max, kvh, hd), new_v[i].reshape(bp, g, s_max, kvh, hd),
-                             own_mask)]
+                             own_mask[:, :, t - tq:])]
                 if cache.prefix_k is not None:
                     segments.insert(0, (cache.prefix_k[i], cache.prefix_v[i],
                                         cache.prefix_valid[:, None, None, :]))
-            o = _attend(q, segments, hd ** -0.5).reshape(b, t, cfg.num_attention_heads * hd)
+            o = _attend(q, segments, hd ** -0.5).reshape(b, tq, cfg.num_attention_heads * hd)
             x = x + layer.self_attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
 
-        x = self.norm(x[:, -1:] if last_only else x)
-        logits = (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        logits = self.head(x[:, -1:] if last_only else x)
         out = (logits,)
         if cache is not None:
             out += (cache._replace(k=new_k, v=new_v, valid=valid, index=cache.index + t),)
         if return_kv:
             out += (tuple(jnp.stack(z) for z in zip(*kvs)),)
         return out[0] if len(out) == 1 else out
+
+
+    def head(self, x):
+        """Final norm and LM head (tied or not): hidden states [..., d] -> fp32 logits [..., V]."""
+        x = self.norm(x)
+        return (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
 
 
 ModelLike = Union[Qwen2, tuple]

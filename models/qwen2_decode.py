@@ -1,26 +1,151 @@
-"""models/qwen2.py behind rlsoft.rollout's model-agnostic `DecodeFns` interface.
+"""models/qwen2.py behind rlsoft.rollout's model-agnostic `DecodeFns` interface, with a decode cache
+laid out for the sampler's lockstep loop.
 
     graphdef, state = nnx.split(model)
     fns = decode_fns(graphdef)                        # build once, reuse (jit keys on identity)
     sampler = rollout.make_sampler(fns, SamplingConfig(...), group_size=G)
     out = sampler(state, prompts, prompt_mask, key)   # params = the NNX state, any pytree
 
-`shared_prompt=True` prefills each prompt once and stores its K/V as the cache prefix read by its G
-rows (`prefill_shared`); False repeats the prompts G times into a plain cache of P + max_new slots
-per row (same samples up to float rounding; kept as the reference and for models without sharing).
-Only the last position's logits are computed in the prefill (`last_only`).
+The prefill is the model's training forward (`return_kv`, logits of the last position only); its
+K/V become a read-only prompt prefix, stored once per prompt and read by the prompt's G rows
+(`shared_prompt=True`), or once per row after repeating the prompts G times (`shared_prompt=False`,
+the memory and FLOPs of a plain cache; same samples up to float rounding). Response tokens go to
+private slots in chunks of `chunk` slots.
+
+Why this layout rather than `qwen2.KVCache` (measured at B=64, tiny preset, 384 slots; the plain
+`qwen2.decode_step` took ~6 ms a step, this one ~2 ms; benchmarks/rollout.py has the figures):
+  * one array per layer (and per chunk): slicing layer i out of an [L, ...] array made XLA copy the
+    whole layer's cache before every attention matmul;
+  * K stored as [.., H_kv, D, S] and V as [.., H_kv, S, D], so both attention products are plain
+    batched [M, D] x [D, S] and [M, S] x [S, D] matmuls with the batch dims leading (the
+    [B, S, H_kv, D] layout made XLA transpose the cache every step);
+  * every row writes the same private slot at step j (the sampler decodes all rows in lockstep), so
+    a write is a dynamic_update_slice at one scalar index, and the sampler's static segment number
+    (`DecodeFns.segment`) says which chunks can hold tokens yet: attention reads the prompt plus
+    chunks 0..segment, not the empty rest of the cache.
+`generic_decode_fns` is the plain `qwen2.prefill` / `qwen2.decode_step` path, kept as the
+reference the benchmark compares against.
 """
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models import qwen2
 from rlsoft.rollout import DecodeFns
 
+_NEG = qwen2._NEG
 
-def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True) -> DecodeFns:
-    """Prefill and step of a Qwen2 whose params are passed as the state of `nnx.split`."""
+
+class DecodeCache(NamedTuple):
+    prefix_k: tuple  # L x [Bp, H_kv, D, P], K transposed; row b reads prompt b // G
+    prefix_v: tuple  # L x [Bp, H_kv, P, D]
+    prefix_valid: jax.Array  # [Bp, P] bool: prompt token is real (left padding is not)
+    k: tuple  # L x n_chunks x [B, H_kv, D, C]
+    v: tuple  # L x n_chunks x [B, H_kv, C, D]
+    index: jax.Array  # [] int32: private slot the next step writes (the same for every row)
+
+
+def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True, chunk: int = 64) -> DecodeFns:
+    """Prefill and step of a Qwen2 whose params are passed as the state of `nnx.split`.
+
+    `chunk` is the segment length of the sampler's loop and the private cache's chunk size: a step
+    attends over at most `chunk - 1` empty slots (a smaller chunk reads less but compiles more
+    segments).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} is invalid; must be >= 1")
+
+    def prefill(params, tokens, positions, mask, group_size: int, max_new: int):
+        module = nnx.merge(graphdef, params)
+        bp = tokens.shape[0]
+        if not shared_prompt:  # row p*G + g is prompt p; each row gets its own copy of the prompt K/V
+            tokens, positions, mask = (jnp.repeat(x, group_size, axis=0) for x in (tokens, positions, mask))
+        logits, (k, v) = module(tokens, positions, mask, return_kv=True, last_only=True)  # k [L,Bp,P,K,D]
+        cfg = module.cfg
+        b, kvh, hd = bp * group_size, cfg.num_key_value_heads, cfg.head_dim
+        n_chunks = max(1, math.ceil((max_new - 1) / chunk))  # the last sampled token is never fed back
+        zeros = lambda *shape: jnp.zeros(shape, k.dtype)  # noqa: E731
+        cache = DecodeCache(
+            prefix_k=tuple(k[i].transpose(0, 2, 3, 1) for i in range(cfg.num_hidden_layers)),
+            prefix_v=tuple(v[i].transpose(0, 2, 1, 3) for i in range(cfg.num_hidden_layers)),
+            prefix_valid=mask.astype(bool),
+            k=tuple(tuple(zeros(b, kvh, hd, chunk) for _ in range(n_chunks)) for _ in range(cfg.num_hidden_layers)),
+            v=tuple(tuple(zeros(b, kvh, chunk, hd) for _ in range(n_chunks)) for _ in range(cfg.num_hidden_layers)),
+            index=jnp.zeros((), jnp.int32))
+        logits = logits[:, 0] if shared_prompt else logits[::group_size, 0]  # G equal copies: one per prompt
+        return logits, cache
+
+    def step(params, cache: DecodeCache, tokens, positions, segment: int):
+        """Logits [B,V] fp32 of one token per row; `segment` (static): the token lands in chunk `segment`."""
+        module = nnx.merge(graphdef, params)
+        cfg = module.cfg
+        b = tokens.shape[0]
+        kvh, hd, heads = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
+        offset = cache.index - segment * chunk  # slot inside chunk `segment`; in [0, chunk) by contract
+        # Chunks before `segment` are full; in chunk `segment` slots up to and including this one.
+        own = jnp.concatenate([jnp.ones((segment * chunk,), bool), jnp.arange(chunk) <= offset])
+        cos, sin = qwen2.rope_tables(positions[:, None], hd, cfg.rope_theta)
+        x = module.embed_tokens(tokens[:, None])  # [B,1,d]
+        new_k, new_v = [], []
+        for i, layer in enumerate(module.layers):
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)  # [B,1,H,D], [B,1,K,D]
+            ks, vs = list(cache.k[i]), list(cache.v[i])
+            ks[segment] = jax.lax.dynamic_update_slice(ks[segment], k[:, 0, :, :, None].astype(ks[0].dtype),
+                                                       (0, 0, 0, offset))
+            vs[segment] = jax.lax.dynamic_update_slice(vs[segment], v[:, 0, :, None, :].astype(vs[0].dtype),
+                                                       (0, 0, offset, 0))
+            new_k.append(tuple(ks))
+            new_v.append(tuple(vs))
+            o = _attend(q[:, 0].reshape(b, kvh, heads // kvh, hd), cache.prefix_k[i], cache.prefix_v[i],
+                        cache.prefix_valid, ks[:segment + 1], vs[:segment + 1], own, hd ** -0.5)
+            x = x + layer.self_attn.o_proj(o.reshape(b, 1, heads * hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return module.head(x[:, 0]), cache._replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + 1)
+
+    return DecodeFns(prefill=prefill, step=step, segment=chunk)
+
+
+def _attend(q, pk, pv, pvalid, ks, vs, own, scale):
+    """Softmax attention of one query per row, q [B,K,R,D], over the prompt prefix and private chunks.
+
+    The prefix is shared by the G = B / Bp rows of a prompt: their G * R queries are one [G*R, D]
+    matrix per (prompt, kv head), so the prompt K/V is read once per prompt, not once per row.
+    Softmax without concatenating the two parts: a common max, exp, and one division at the end.
+    """
+    b, kvh, rep, hd = q.shape
+    bp, p = pvalid.shape
+    g = b // bp
+
+    def grouped(a):  # [B,K,R,X] -> [Bp,K,G*R,X]
+        return a.reshape(bp, g, kvh, rep, -1).transpose(0, 2, 1, 3, 4).reshape(bp, kvh, g * rep, -1)
+
+    def ungrouped(a):  # [Bp,K,G*R,X] -> [B,K,R,X]
+        return a.reshape(bp, kvh, g, rep, -1).transpose(0, 2, 1, 3, 4).reshape(b, kvh, rep, -1)
+
+    f32 = jnp.float32
+    s_p = jnp.einsum("bkmd,bkdp->bkmp", grouped(q).astype(pk.dtype), pk, preferred_element_type=f32) * scale
+    s_p = jnp.where(pvalid[:, None, None, :], s_p, _NEG)
+    qc = q.astype(ks[0].dtype)
+    s_o = jnp.concatenate([jnp.einsum("bkrd,bkds->bkrs", qc, k, preferred_element_type=f32) for k in ks], -1)
+    s_o = jnp.where(own, s_o * scale, _NEG)
+    m = jnp.maximum(ungrouped(jnp.max(s_p, -1, keepdims=True)), jnp.max(s_o, -1, keepdims=True))  # [B,K,R,1]
+    e_p, e_o = jnp.exp(s_p - grouped(m)), jnp.exp(s_o - m)
+    z = ungrouped(jnp.sum(e_p, -1, keepdims=True)) + jnp.sum(e_o, -1, keepdims=True)
+    out = ungrouped(jnp.einsum("bkmp,bkpd->bkmd", e_p.astype(pv.dtype), pv, preferred_element_type=f32))
+    c = vs[0].shape[-2]
+    for j, v in enumerate(vs):
+        out = out + jnp.einsum("bkrs,bksd->bkrd", e_o[..., j * c:(j + 1) * c].astype(v.dtype), v,
+                               preferred_element_type=f32)
+    return (out / z).astype(q.dtype)
+
+
+def generic_decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True) -> DecodeFns:
+    """The plain `qwen2.KVCache` path (`prefill_shared` / `prefill` + `decode_step`), the reference."""
 
     def prefill(params, tokens, positions, mask, group_size: int, max_new: int):
         model = (graphdef, params)
@@ -32,18 +157,9 @@ def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True) -> DecodeF
         rep = lambda x: jnp.repeat(x, group_size, axis=0)  # noqa: E731  row p*G + g is prompt p
         cache = qwen2.init_cache(module.cfg, tokens.shape[0] * group_size, tokens.shape[1] + max_new)
         logits, cache = qwen2.prefill(module, cache, rep(tokens), rep(positions), rep(mask), last_only=True)
-        return logits[::group_size, 0], cache  # the G copies are equal: hand back one per prompt
+        return logits[::group_size, 0], cache
 
     def step(params, cache, tokens, positions):
         return qwen2.decode_step((graphdef, params), cache, tokens, positions)
 
     return DecodeFns(prefill=prefill, step=step)
-
-
-def train_forward(graphdef: nnx.GraphDef):
-    """The training forward as a pure function: (params, tokens, positions, mask) -> logits [B,T,V] f32."""
-
-    def forward(params, tokens, positions, mask):
-        return nnx.merge(graphdef, params)(tokens, positions, mask)
-
-    return forward

@@ -1,0 +1,400 @@
+"""RL-step throughput: rlsoft.trainer.update (and rollout + reward + update) against a PyTorch update.
+
+    python -m benchmarks.train_step                       # tiny and mid presets
+    python -m benchmarks.train_step --config=tiny --repeats=7
+
+Workload (GRPO-Zero's shape): 8 questions x G=8 = 64 sequences; prompts of prompt_len - 15 ..
+prompt_len random ids, left padded to prompt_len = 128; 256 response tokens, no stop id (every row
+runs to the end). Both sides use the same random Qwen2 (models/qwen2.py builds it,
+models/hf.py `save_model` writes it, transformers loads it).
+  update      rlsoft.trainer.update via make_update: softmax weights (tau 0.5), token_mean, PPO clip
+              0.2, 1 epoch, AdamW (clip 1.0), `micro_batches` gradient accumulation, float32. It runs
+              the old-logp forward (full batch) and then forward + backward per micro-batch.
+  update_mN   the same with N micro-batches (tiny only, `sweep`)
+  reuse_logp  a proposed change to trainer.update, timed here without editing it: with ppo_epochs == 1
+              the params do not change between the old-logp forward and the loss, so old_logp =
+              stop_gradient(logp) of the loss's own forward (same gradient; one forward fewer)
+  old_fwd     the old-logp forward alone (jitted trainer.sequence_log_probs on the batch)
+  torch       transformers Qwen2ForCausalLM (sdpa attention), float32, all cores: forward + backward
+              of the same token-mean weighted log-likelihood (the PPO gradient at ratio 1; GRPO-Zero's
+              loss) with the same micro-batches, clip_grad_norm_ 1.0 and torch.optim.AdamW. It runs
+              no old-logp forward.
+  rollout     the jitted sampler (rlsoft.rollout.make_sampler over models/qwen2_decode.decode_fns),
+              8 prompts x G=8 with a shared prompt cache, 256 new tokens, to host arrays
+  rl_step     rollout + a host reward in numpy (fraction of response ids below vocab / 2) + update,
+              built from the pieces as rlsoft.train_loop.Loop.rl_step does (no Task, one device)
+Token counts: the update processes B x (P + N) tokens; rl_step is credited with the generated
+B x N tokens plus the B x (P + N) the update processes (`rl_step`), and with the generated tokens
+only (`rl_step_generated`).
+
+FLOPs (useful, float32): a forward is 2 x non-embedding params + 2 x hidden x vocab (LM head) per
+token, plus 4 x layers x heads x head_dim x (causal context summed over positions) for attention;
+forward + backward is 3 forwards; trainer.update adds the old-logp forward (4 forwards in all), the
+torch update and reuse_logp do 3. As fractions of this machine's f32 matmul FLOP/s measured in the
+same run (jitted jnp.dot of 1024 x 1024, and [B x T / micro_batches, hidden] x [hidden, ffn]).
+Implementations are timed interleaved (the machine may be shared); figures are medians of the repeats
+(seconds_min: the fastest), and `*_paired` ratios are medians over rounds of the per-round ratio.
+Prints one JSON line of figures, then a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import hf, qwen2
+from models.qwen2_decode import decode_fns
+from models.qwen2_train import train_forward
+from rlsoft import losses, rollout, trainer, weighting
+from rlsoft.config import check, parse_flags
+from rlsoft.logger import format_table
+
+TARGETS = {"update_tokens_per_s": 16600, "ratio_update_over_torch": 2.0}  # 2x GRPO-Zero's ~8,300 (tiny)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    config: str = "both"  # tiny | mid | both
+    repeats: int = 5  # timed calls per implementation, tiny preset
+    mid_repeats: int = 2  # the same for the mid preset (an update takes tens of seconds)
+    questions: int = 8
+    group_size: int = 8
+    prompt_len: int = 128
+    new_tokens: int = 256
+    micro_batches: int = 4  # tiny (m = 1 fits too; 4 is faster, see `sweep`)
+    mid_micro_batches: int = 8
+    sweep: tuple[int, ...] = (1,)  # tiny only: also time trainer.update with these micro_batches
+    learning_rate: float = 1e-5
+    torch: bool = True
+    rl_step: bool = True  # time rollout and rollout + reward + update
+    variants: bool = True  # time reuse_logp and old_fwd
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.config in ("tiny", "mid", "both"), f"config={self.config} is invalid; expected tiny, mid or both")
+        for name in ("repeats", "mid_repeats", "questions", "prompt_len", "new_tokens", "micro_batches",
+                     "mid_micro_batches"):
+            check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} is invalid; need >= 1")
+        check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")
+        check(self.prompt_len >= 16, f"prompt_len={self.prompt_len} is invalid; need >= 16")
+        check(self.new_tokens >= 2, f"new_tokens={self.new_tokens} is invalid; need >= 2")
+        check(self.learning_rate > 0, f"learning_rate={self.learning_rate} is invalid; need > 0")
+        batch = self.questions * self.group_size
+        for name in ("micro_batches", "mid_micro_batches"):
+            check(batch % getattr(self, name) == 0,
+                  f"{name}={getattr(self, name)} is invalid; must divide questions x group_size = {batch}")
+        for m in self.sweep:
+            check(m >= 1 and batch % m == 0, f"sweep={self.sweep} is invalid; each must divide {batch}")
+
+
+# --------------------------------------------------------------------------------------------
+# Machine figures.
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_flops(shapes: dict, repeats: int = 5) -> dict:
+    """f32 matmul FLOP/s of a jitted jnp.dot for each name -> (m, k, n)."""
+    dot = jax.jit(jnp.dot)
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        out[name] = 2 * m * k * n / _median_time(lambda: dot(a, b).block_until_ready(), repeats)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Workload.
+
+
+def make_prompts(cfg: BenchConfig, vocab: int, seed: int):
+    """questions left-padded prompts of prompt_len - 15 .. prompt_len ids in 1..vocab-1 (0 is the pad)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(cfg.prompt_len - 15, cfg.prompt_len + 1, cfg.questions)
+    return rollout.left_pad([rng.integers(1, vocab, k).tolist() for k in lengths], pad_id=0,
+                            length=cfg.prompt_len)
+
+
+def host_reward(tokens: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarray:
+    """A trivial numpy verifier: the fraction of response tokens with an id below vocab / 2."""
+    return ((tokens < vocab // 2) & mask).sum(1) / np.maximum(mask.sum(1), 1)
+
+
+def make_batch(prompts, pmask, tokens, mask, rewards, g: int, tau: float) -> trainer.Batch:
+    n = tokens.shape[1]
+    return trainer.Batch(
+        prompts=np.repeat(prompts, g, 0), prompt_mask=np.repeat(pmask, g, 0), responses=np.asarray(tokens),
+        response_mask=np.asarray(mask), rewards=np.asarray(rewards, np.float32).reshape(-1, g),
+        tau=np.float32(tau), sl_responses=np.zeros((0, n), np.int32),
+        sl_prompts=np.zeros((0, prompts.shape[1]), np.int32), sl_prompt_mask=np.zeros((0, prompts.shape[1]), bool),
+        sl_mask=np.zeros((0, n), bool))
+
+
+def update_reuse_logp(state: trainer.TrainState, batch: trainer.Batch, *, forward, cfg: trainer.UpdateConfig):
+    """trainer.update for ppo_epochs == 1, kl_coef == 0, sl_weight == 0 with the old-logp forward
+    dropped: the loss's own logp (stop_gradient) is old_logp. The proposed change, for timing."""
+    assert cfg.ppo_epochs == 1 and cfg.kl_coef == 0 and cfg.sl_weight == 0
+    m, loss_cfg = cfg.micro_batches, cfg.loss_config()
+    weights = trainer.group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau)
+    seq = (batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask)
+    xs = {"rl": jax.tree.map(lambda x: trainer._micro(x, m), seq + (weights.reshape(-1),)),
+          "share": trainer._loss_shares(batch.response_mask, m, cfg.aggregation)}
+
+    def loss_fn(params, x):
+        prompts, pmask, resp, rmask, w = x["rl"]
+        logp, ent = trainer.sequence_log_probs(forward, params, prompts, pmask, resp, rmask)
+        loss, metrics = losses.policy_loss(logp, jax.lax.stop_gradient(logp), rmask, jax.lax.stop_gradient(w),
+                                           loss_cfg, entropy=ent if cfg.entropy_coef > 0 else None)
+        return loss * x["share"], jax.tree.map(lambda v: v * x["share"], metrics)
+
+    params, opt_state, metrics = trainer._apply_accumulated(state.params, state.opt_state,
+                                                            trainer.make_optimizer(cfg), loss_fn, xs)
+    state, metrics = trainer._finish(state, params, opt_state, jax.tree.map(lambda v: v[None], metrics))
+    metrics.update(trainer.weight_metrics(batch.rewards, weights, cfg.log_tau))
+    return state, metrics
+
+
+def torch_update_fn(model_dir: str, batch: trainer.Batch, weights: np.ndarray, m: int, lr: float):
+    """The same update in PyTorch: returns (run() -> pre-clip grad norm, attention implementation)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    p = batch.prompts.shape[1]
+    mask = np.concatenate([batch.prompt_mask, batch.response_mask], 1)
+    ids = torch.tensor(np.concatenate([batch.prompts, batch.responses], 1), dtype=torch.long)
+    am = torch.tensor(mask, dtype=torch.long)
+    pos = torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0), dtype=torch.long)
+    targets = torch.tensor(batch.responses, dtype=torch.long)
+    rmask = torch.tensor(batch.response_mask, dtype=torch.float32)
+    w = torch.tensor(weights, dtype=torch.float32)
+    total = rmask.sum().clamp(min=1.0)
+    rows = ids.shape[0] // m
+
+    def run() -> float:
+        opt.zero_grad(set_to_none=True)
+        for i in range(m):
+            s = slice(i * rows, (i + 1) * rows)
+            logits = model(input_ids=ids[s], attention_mask=am[s], position_ids=pos[s]).logits[:, p - 1:-1]
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[s, :, None])[..., 0]
+            loss = -(w[s, None] * logp * rmask[s]).sum() / total  # token_mean over the whole batch
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(norm)
+
+    return run, model.config._attn_implementation
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs.
+
+
+def forward_flops(mcfg: qwen2.Qwen2Config, non_embedding: int, rows: int, seq_len: int) -> float:
+    """Useful FLOPs of one forward over rows x seq_len tokens (causal attention over every position)."""
+    tokens = rows * seq_len
+    attn = 4 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * rows * seq_len * (seq_len + 1) / 2
+    return tokens * (2 * non_embedding + 2 * mcfg.hidden_size * mcfg.vocab_size) + attn
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
+    mcfg = qwen2.Qwen2Config.preset(preset)
+    model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed))
+    graphdef, params = nnx.split(model)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    non_embedding = n_params - mcfg.vocab_size * mcfg.hidden_size * (1 if mcfg.tie_word_embeddings else 2)
+    q, g, p, n = cfg.questions, cfg.group_size, cfg.prompt_len, cfg.new_tokens
+    b, t = q * g, cfg.prompt_len + cfg.new_tokens
+    m = cfg.micro_batches if preset == "tiny" else cfg.mid_micro_batches
+    forward = train_forward(graphdef)
+    ucfg = trainer.UpdateConfig(scheme="softmax", tau=0.5, learning_rate=cfg.learning_rate, warmup_steps=0,
+                                micro_batches=m, ppo_epochs=1, aggregation="token_mean", clip_eps=0.2)
+    fresh = lambda c: trainer.init_state(jax.tree.map(jnp.copy, params), c)  # noqa: E731  (update donates)
+
+    prompts, pmask = make_prompts(cfg, mcfg.vocab_size, cfg.seed)
+    sampler = rollout.make_sampler(decode_fns(graphdef), rollout.SamplingConfig(max_new_tokens=n, stop_ids=(),
+                                                                                 pad_id=0), g)
+    keys = iter(range(1, 10 ** 9))
+    out = sampler(params, prompts, pmask, jax.random.key(0))
+    tokens, rmask = np.asarray(out.tokens), np.asarray(out.mask)
+    assert rmask.all(), "no stop id: every row runs to max_new_tokens"
+    batch = make_batch(prompts, pmask, tokens, rmask, host_reward(tokens, rmask, mcfg.vocab_size), g, 0.5)
+    dev_batch = jax.device_put(batch)
+
+    runs, first = {}, {}
+
+    def add_update(name, fn, c):
+        upd = jax.jit(functools.partial(fn, forward=forward, cfg=c), donate_argnums=0)
+        box = [fresh(c)]
+
+        def run():
+            box[0], metrics = upd(box[0], dev_batch)
+            return jax.device_get(metrics)
+        runs[name] = run
+
+    add_update("update", trainer.update, ucfg)
+    if preset == "tiny":
+        for mm in cfg.sweep:
+            if mm != m:
+                add_update(f"update_m{mm}", trainer.update, dataclasses.replace(ucfg, micro_batches=mm))
+    if cfg.variants:
+        add_update("reuse_logp", update_reuse_logp, ucfg)
+        seq = (dev_batch.prompts, dev_batch.prompt_mask, dev_batch.responses, dev_batch.response_mask)
+        old = jax.jit(lambda prm, *s: trainer.sequence_log_probs(forward, prm, *s)[0])
+        runs["old_fwd"] = lambda: old(params, *seq).block_until_ready()
+    weights = np.asarray(weighting.compute_weights(batch.rewards, "softmax", tau=0.5)).reshape(-1)
+    attn_impl = None
+    if cfg.torch:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_model(model, tmp)
+            runs["torch"], attn_impl = torch_update_fn(tmp, batch, weights, m, cfg.learning_rate)
+    if cfg.rl_step:
+        def run_rollout():
+            o = sampler(params, prompts, pmask, jax.random.key(next(keys)))
+            return np.asarray(o.tokens), np.asarray(o.mask)
+        runs["rollout"] = run_rollout
+        rl_update = trainer.make_update(forward, ucfg)[0]
+        rl_box = [fresh(ucfg)]
+
+        def run_rl_step():  # rlsoft.train_loop.Loop.rl_step without the Task: sample, score, update
+            st = rl_box[0]
+            o = sampler(st.params, prompts, pmask, jax.random.key(next(keys)))
+            toks, msk = np.asarray(o.tokens), np.asarray(o.mask)
+            rew = host_reward(toks, msk, mcfg.vocab_size)
+            rl_box[0], metrics = rl_update(st, make_batch(prompts, pmask, toks, msk, rew, g, 0.5))
+            return jax.device_get(metrics)
+        runs["rl_step"] = run_rl_step
+
+    first_out = {}
+    for name, run in runs.items():  # first call: compile (jax) / warm up (torch), from the initial params
+        start = time.perf_counter()
+        first_out[name] = run()
+        first[name] = time.perf_counter() - start
+    times = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved: load from other processes hits every implementation alike
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    sec = {name: float(np.median(v)) for name, v in times.items()}
+    best = {name: float(np.min(v)) for name, v in times.items()}
+
+    def paired(a: str, b: str) -> float:
+        """Median over rounds of time(b) / time(a): calls of one round ran back to back under similar load."""
+        return float(np.median(np.asarray(times[b]) / np.asarray(times[a])))
+
+    processed, generated = b * t, b * n
+    tok = {}
+    for name, s in sec.items():
+        if name == "rl_step":
+            tok["rl_step"] = (generated + processed) / s
+            tok["rl_step_generated"] = generated / s
+        elif name == "rollout":
+            tok["rollout"] = generated / s
+        else:
+            tok[name] = processed / s
+    fwd = forward_flops(mcfg, non_embedding, b, t)
+    flops = {name: (4 if name.startswith("update") else 3) * fwd for name in sec
+             if name.startswith("update") or name in ("reuse_logp", "torch")}
+    if "old_fwd" in sec:
+        flops["old_fwd"] = fwd
+    machine = matmul_flops({"matmul_1024": (1024, 1024, 1024),
+                            "matmul_model": (b * t // m, mcfg.hidden_size, mcfg.intermediate_size)})
+    out = {
+        "model": dict(preset=preset, params=int(n_params), non_embedding=int(non_embedding), hidden=mcfg.hidden_size,
+                      layers=mcfg.num_hidden_layers, heads=mcfg.num_attention_heads,
+                      kv_heads=mcfg.num_key_value_heads, ffn=mcfg.intermediate_size, vocab=mcfg.vocab_size),
+        "micro_batches": m,
+        "tokens": {"update_processed": processed, "generated": generated, "rl_step": generated + processed},
+        "tokens_per_s": {k: round(v) for k, v in tok.items()},
+        "seconds": {k: round(v, 3) for k, v in sec.items()},
+        "seconds_min": {k: round(v, 3) for k, v in best.items()},
+        "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "first_call_seconds": {k: round(v, 2) for k, v in first.items()},
+        "machine_flops": {k: round(v / 1e9, 1) for k, v in machine.items()},  # GFLOP/s, after this preset
+        "gflop_per_s": {k: round(f / sec[k] / 1e9, 1) for k, f in flops.items()},
+        "frac_matmul_1024": {k: round(f / sec[k] / machine["matmul_1024"], 3) for k, f in flops.items()},
+        "frac_matmul_model": {k: round(f / sec[k] / machine["matmul_model"], 3) for k, f in flops.items()},
+        "flops_per_update": {"trainer_update": 4 * fwd, "without_old_fwd": 3 * fwd},
+    }
+    if cfg.torch:
+        out["torch_attn_implementation"] = attn_impl
+        # Same weights, batch and loss gradient: the pre-clip gradient norms of the first step agree.
+        out["grad_norm_first_step"] = {"jax": float(first_out["update"]["grad_norm"]), "torch": first_out["torch"]}
+        out["ratio_update_over_torch"] = round(tok["update"] / tok["torch"], 2)  # of the medians
+        out["ratio_update_over_torch_paired"] = round(paired("update", "torch"), 2)
+        if "reuse_logp" in tok:
+            out["ratio_reuse_logp_over_torch_paired"] = round(paired("reuse_logp", "torch"), 2)
+    if "reuse_logp" in sec:
+        out["ratio_reuse_logp_over_update_paired"] = round(paired("reuse_logp", "update"), 2)
+        out["old_fwd_share_of_update_paired"] = round(paired("update", "old_fwd"), 3)
+    if "rl_step" in sec:
+        out["rollout_share_of_rl_step_paired"] = round(paired("rl_step", "rollout"), 3)
+    out["update_tokens_per_s_at_min_time"] = round(processed / best["update"])
+    out["targets_met"] = {"update_tokens_per_s": tok["update"] >= TARGETS["update_tokens_per_s"]}
+    if cfg.torch:
+        out["targets_met"]["ratio_update_over_torch"] = out["ratio_update_over_torch_paired"] >= TARGETS[
+            "ratio_update_over_torch"]
+    return out
+
+
+def main(argv=None) -> dict:
+    cfg = parse_flags(BenchConfig, argv, prog="python -m benchmarks.train_step")
+    machine = matmul_flops({"matmul_1024": (1024, 1024, 1024)})
+    presets = ["tiny", "mid"] if cfg.config == "both" else [cfg.config]
+    results = {p: bench_preset(p, cfg, cfg.repeats if p == "tiny" else cfg.mid_repeats) for p in presets}
+    figures = {
+        "workload": dict(questions=cfg.questions, group_size=cfg.group_size, batch=cfg.questions * cfg.group_size,
+                         prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, repeats=cfg.repeats,
+                         mid_repeats=cfg.mid_repeats, scheme="softmax", tau=0.5, aggregation="token_mean",
+                         clip_eps=0.2, ppo_epochs=1, dtype="float32"),
+        "matmul_1024_gflop_per_s_at_start": round(machine["matmul_1024"] / 1e9, 1),
+        "cpu_count": os.cpu_count(),
+        "jax_devices": jax.device_count(),
+        "load_avg": os.getloadavg(),
+        **results,
+        "targets": TARGETS,
+    }
+    print(json.dumps(figures))
+    rows = []
+    for p, r in results.items():
+        base = r["tokens_per_s"].get("torch")
+        for name, v in r["tokens_per_s"].items():
+            key = "rl_step" if name.startswith("rl_step") else name
+            row = dict(preset=p, impl=name, micro_batches=r["micro_batches"] if not name.startswith("update_m")
+                       else int(name[len("update_m"):]), tokens_per_s=float(v),
+                       seconds=r["seconds"].get(key, math.nan),
+                       vs_torch=v / base if base and name in r["gflop_per_s"] else math.nan,
+                       gflop_per_s=r["gflop_per_s"].get(name, math.nan),
+                       frac_matmul_1024=r["frac_matmul_1024"].get(name, math.nan),
+                       frac_matmul_model=r["frac_matmul_model"].get(name, math.nan))
+            rows.append(row)
+    print(format_table(rows, ["preset", "impl", "micro_batches", "tokens_per_s", "seconds", "vs_torch", "gflop_per_s",
+                              "frac_matmul_1024", "frac_matmul_model"]))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
