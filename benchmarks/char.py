@@ -1,20 +1,28 @@
 """Exhaustive exploration throughput: one forward pass per context against one per candidate.
 
     python -m benchmarks.char                          # cpu preset, 64 contexts x 64 chars, 65 actions
-    python -m benchmarks.char --steps=3 --candidate_steps=1 --candidates_per_pass=5   # quicker
+    python -m benchmarks.char --steps=10 --candidates_per_pass=1   # quicker
 
 The same update everywhere (rlsoft.exhaustive): rewards for all V = 65 next characters (exact match
 with the data + the bigram probability of the character, seed 002's hard + soft signal), weights over
 the 65 ("linear" = GRPO by default), loss -sum_c sg(pi(c)) w(c) log pi(c), AdamW with clipping;
-contexts/s counts forward + backward + optimizer step, jitted, after compilation.
+contexts/s counts forward + backward + optimizer step, jitted, after compilation and a warm-up call.
   exhaustive      `exhaustive_update`: ONE forward pass per context; the 65 candidates are the 65
-                  entries of the softmax at the context's last position.
+                  entries of the softmax at the context's last position. Timed two ways: one step per
+                  jitted call, and `steps_per_call` steps as one lax.scan per call (a compiled
+                  training loop, as rlsoft.categorical runs its sweeps).
   per_candidate   `per_candidate_value_and_grad`: seed 002's way, 65 passes per context, each on
                   [context, c] scored at the position that predicts c; a lax.scan over 65 / k steps of
                   k candidates x B contexts (k = candidates_per_pass; each k is timed, the fastest is
-                  the baseline of the ratio).
+                  the baseline of the ratios). One step per call (its scan already spans 65 passes).
 The model is the char_gpt preset with block_size = context + 1, so that [context, c] fits. Before
 timing, both gradients are computed on the same batch and compared (grad_rel_diff).
+
+Memory note: XLA CPU takes a fresh ~200 MB temp buffer for every call of the cpu-preset step; on this
+VM that is ~56k minor page faults (~0.15 s of system time) per call, which the scanned timing pays once
+per 10 steps. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for malloc, glibc >= 2.35)
+removes ~99% of those faults; on the shared 2-core VM its wall-time effect was within run-to-run noise,
+so it is only reported (glibc_tunables, page_faults_per_step), not set.
 Prints one JSON line of figures, then a table.
 """
 from __future__ import annotations
@@ -23,6 +31,7 @@ import dataclasses
 import functools
 import json
 import os
+import resource
 import sys
 import time
 
@@ -50,7 +59,8 @@ class BenchConfig:
     tau: float = 0.5  # used only by the schemes that need a temperature
     mixing: str = "pi"
     learning_rate: float = 3e-4
-    steps: int = 10  # timed exhaustive steps
+    steps: int = 20  # timed exhaustive steps (each way)
+    steps_per_call: int = 10  # exhaustive steps per jitted call in the scanned timing; must divide steps
     candidate_steps: int = 1  # timed per-candidate steps for each k (each is ~65x slower)
     candidates_per_pass: tuple[int, ...] = (1, 5, 13)  # must divide 65
     text_file: str = SHARED_TEXT  # empty: random tokens (throughput does not depend on the text)
@@ -60,8 +70,10 @@ class BenchConfig:
         check(self.preset in char_gpt.PRESETS,
               f"preset={self.preset} is invalid; allowed: {', '.join(char_gpt.PRESETS)}")
         check(self.dtype in char_gpt.DTYPES, f"dtype={self.dtype} is invalid; allowed: {', '.join(char_gpt.DTYPES)}")
-        for name in ("batch", "context", "steps", "candidate_steps"):
+        for name in ("batch", "context", "steps", "candidate_steps", "steps_per_call"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} is invalid; need >= 1")
+        check(self.steps % self.steps_per_call == 0,
+              f"steps_per_call={self.steps_per_call} is invalid; must divide steps={self.steps}")
         weighting.validate_scheme(self.scheme)
         weighting.validate_tau(self.tau)
         exhaustive.validate_mixing(self.mixing)
@@ -116,18 +128,34 @@ def make_steps(cfg: BenchConfig, graphdef, table: ngram.NGramTable, tx: optax.Gr
     return exhaustive_step, per_candidate_step, exhaustive_grads, per_candidate_grads
 
 
-def time_steps(step, params, opt_state, batches, n: int) -> tuple[float, float, dict]:
-    """(compile seconds, seconds per step, last metrics): compile, one warm-up step, then n timed steps."""
-    contexts, targets = batches
+def scan_steps(step):
+    """Several steps as one call: (params, opt_state, contexts[S,B,C], targets[S,B]) -> last metrics."""
+    def run(params, opt_state, contexts, targets):
+        def body(carry, batch):
+            params, opt_state, metrics = step(*carry, *batch)
+            return (params, opt_state), metrics
+
+        (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), (contexts, targets))
+        return params, opt_state, jax.tree.map(lambda v: v[-1], metrics)
+    return run
+
+
+def time_calls(fn, params, opt_state, calls: list, steps_per_call: int = 1) -> dict:
+    """Compile `fn`, run calls[0] once to warm up, then time every call of `calls` ((contexts, targets)
+    pairs). Returns compile_s, s_per_step, minor page faults per step and the last metrics."""
     start = time.perf_counter()
-    compiled = jax.jit(step).lower(params, opt_state, contexts[0], targets[0]).compile()
+    compiled = jax.jit(fn).lower(params, opt_state, *calls[0]).compile()
     compile_s = time.perf_counter() - start
-    params, opt_state, metrics = jax.block_until_ready(compiled(params, opt_state, contexts[0], targets[0]))
+    params, opt_state, metrics = jax.block_until_ready(compiled(params, opt_state, *calls[0]))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    for i in range(n):
-        params, opt_state, metrics = compiled(params, opt_state, contexts[1 + i], targets[1 + i])
+    for args in calls:
+        params, opt_state, metrics = compiled(params, opt_state, *args)
     jax.block_until_ready((params, metrics))
-    return compile_s, (time.perf_counter() - start) / n, {k: float(v) for k, v in metrics.items()}
+    steps = len(calls) * steps_per_call
+    return {"compile_s": compile_s, "s_per_step": (time.perf_counter() - start) / steps,
+            "faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps,
+            "metrics": {k: float(v) for k, v in metrics.items()}}
 
 
 def _rel_diff(a, b) -> float:
@@ -155,48 +183,59 @@ def main(argv=None) -> dict:
     opt_state = tx.init(params)
     ex_step, pc_step, ex_grads, pc_grads = make_steps(cfg, graphdef, table, tx, vocab)
 
-    n_batches = 1 + max(cfg.steps, cfg.candidate_steps)
+    n = max(cfg.steps, cfg.candidate_steps)
     rng = np.random.default_rng(cfg.seed + 1)
-    windows = [chartext.sample_windows(rng, ids, cfg.batch, cfg.context) for _ in range(n_batches)]
-    batches = (jnp.asarray(np.stack([w[0] for w in windows])), jnp.asarray(np.stack([w[1] for w in windows])))
+    windows = [chartext.sample_windows(rng, ids, cfg.batch, cfg.context) for _ in range(n)]
+    contexts = jnp.asarray(np.stack([w[0] for w in windows]))  # [n, B, C]
+    targets = jnp.asarray(np.stack([w[1] for w in windows]))  # [n, B]
 
     # Same gradient from both (k = the first candidates_per_pass), on the first batch.
     k0 = cfg.candidates_per_pass[0]
-    ex_loss, g_ex = jax.jit(ex_grads)(params, batches[0][0], batches[1][0])
-    pc_loss, g_pc = jax.jit(functools.partial(pc_grads, k=k0))(params, batches[0][0], batches[1][0])
+    ex_loss, g_ex = jax.jit(ex_grads)(params, contexts[0], targets[0])
+    pc_loss, g_pc = jax.jit(functools.partial(pc_grads, k=k0))(params, contexts[0], targets[0])
     grad_rel_diff = _rel_diff(g_pc, g_ex)
 
-    ex_compile, ex_s, ex_metrics = time_steps(ex_step, params, opt_state, batches, cfg.steps)
-    rows, per_k = [], {}
+    spc = cfg.steps_per_call
+    runs = {
+        "exhaustive": time_calls(ex_step, params, opt_state,
+                                 [(contexts[i], targets[i]) for i in range(cfg.steps)]),
+        f"exhaustive_scan{spc}": time_calls(
+            scan_steps(ex_step), params, opt_state,
+            [(contexts[i:i + spc], targets[i:i + spc]) for i in range(0, cfg.steps, spc)], spc),
+    }
     for k in cfg.candidates_per_pass:
-        per_k[k] = time_steps(functools.partial(pc_step, k=k), params, opt_state, batches, cfg.candidate_steps)
-    rate = {"exhaustive": cfg.batch / ex_s}
-    rate.update({f"per_candidate_k{k}": cfg.batch / v[1] for k, v in per_k.items()})
-    best_k = min(per_k, key=lambda k: per_k[k][1])
+        runs[f"per_candidate_k{k}"] = time_calls(functools.partial(pc_step, k=k), params, opt_state,
+                                                 [(contexts[i], targets[i]) for i in range(cfg.candidate_steps)])
+    rate = {name: cfg.batch / r["s_per_step"] for name, r in runs.items()}
+    baseline = max((name for name in runs if name.startswith("per_candidate")), key=rate.get)
+    ex_metrics = runs["exhaustive"]["metrics"]
     figures = {
         "workload": dict(preset=cfg.preset, params=char_gpt.param_count(params), dtype=cfg.dtype,
                          batch=cfg.batch, context=cfg.context, vocab=vocab, scheme=cfg.scheme,
-                         mixing=cfg.mixing, steps=cfg.steps, candidate_steps=cfg.candidate_steps),
-        "contexts_per_s": {k: round(v, 2) for k, v in rate.items()},
-        "seconds_per_step": {"exhaustive": round(ex_s, 4), **{f"per_candidate_k{k}": round(v[1], 3)
-                                                              for k, v in per_k.items()}},
-        "compile_s": {"exhaustive": round(ex_compile, 2), **{f"per_candidate_k{k}": round(v[0], 2)
-                                                             for k, v in per_k.items()}},
-        "best_per_candidate_k": best_k,
-        "speedup_vs_best_per_candidate": round(rate["exhaustive"] / rate[f"per_candidate_k{best_k}"], 1),
-        "speedup_vs_each": {f"k{k}": round(rate["exhaustive"] / rate[f"per_candidate_k{k}"], 1) for k in per_k},
+                         mixing=cfg.mixing, steps=cfg.steps, steps_per_call=spc, candidate_steps=cfg.candidate_steps),
+        "contexts_per_s": {name: round(v, 2) for name, v in rate.items()},
+        "seconds_per_step": {name: round(r["s_per_step"], 4) for name, r in runs.items()},
+        "compile_s": {name: round(r["compile_s"], 2) for name, r in runs.items()},
+        "page_faults_per_step": {name: round(r["faults_per_step"]) for name, r in runs.items()},
+        "baseline": baseline,
+        "speedup_vs_baseline": {name: round(rate[name] / rate[baseline], 1)
+                                for name in runs if name.startswith("exhaustive")},
         "check": {"loss_exhaustive": float(ex_loss), "loss_per_candidate": float(pc_loss),
                   "grad_rel_diff": grad_rel_diff, "k": k0},
         "final_metrics_exhaustive": {k: round(ex_metrics[k], 4) for k in
                                      ("loss", "entropy", "expected_reward", "p_best", "grad_norm")},
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "cpu_count": os.cpu_count(),
     }
     print(json.dumps(figures))
-    rows.append(dict(impl="exhaustive (1 pass / context)", passes_per_context=1, contexts_per_s=rate["exhaustive"],
-                     s_per_step=ex_s, vs_exhaustive=1.0))
-    for k, (_, s, _) in per_k.items():
-        rows.append(dict(impl=f"per-candidate, k={k} candidates / pass", passes_per_context=vocab,
-                         contexts_per_s=cfg.batch / s, s_per_step=s, vs_exhaustive=ex_s / s))
+    labels = {"exhaustive": "exhaustive, 1 step / call", f"exhaustive_scan{spc}": f"exhaustive, {spc} steps / call"}
+    rows = []
+    for name, r in runs.items():
+        per_candidate = name.startswith("per_candidate")
+        label = f"per-candidate, {name.split('_k')[1]} candidates / pass" if per_candidate else labels[name]
+        rows.append(dict(impl=label, passes_per_context=vocab if per_candidate else 1,
+                         contexts_per_s=rate[name], s_per_step=r["s_per_step"],
+                         faults_per_step=round(r["faults_per_step"]), vs_baseline=rate[name] / rate[baseline]))
     print(format_table(rows))
     return figures
 
