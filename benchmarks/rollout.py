@@ -18,7 +18,7 @@ prefill is left out. FLOPs per token = 2 * non-embedding params + 4 * layers * h
 context (QK and PV) + 2 * hidden * vocab (LM head); bytes per step = every weight read once + the
 K/V bytes the kernel reads (the prompt prefix once per prompt, private slots up to the end of the
 current chunk). Both as fractions of this machine's f32 matmul FLOP/s and memory read bandwidth,
-measured in the same run. Shared vs repeated: 8 prompts x G=8 samples, the prompt K/V stored and
+probed between the timed calls of each round (best of 3 per round, median over rounds). Shared vs repeated: 8 prompts x G=8 samples, the prompt K/V stored and
 read once per prompt or once per row.
 Prints one JSON line of figures, then a table.
 """
@@ -67,29 +67,22 @@ class BenchConfig:
               f"group_size={self.group_size} is invalid; must divide batch={self.batch}")
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def machine_figures(repeats: int = 7) -> dict:
-    """f32 matmul FLOP/s (1024^2, and the decode's [64,128]x[128,384] in a loop) and memory read GB/s."""
+def machine_probes():
+    """Callables measuring this machine: f32 matmul FLOP/s (1024^2, and the decode's [64,128]x[128,384]
+    in a loop) and memory read bytes/s. They run interleaved with the implementations, so that the
+    fractions compare rates measured under the same load."""
     a = jnp.ones((1024, 1024), jnp.float32)
     dot = jax.jit(jnp.dot)
-    big = 2 * 1024 ** 3 / _median_time(lambda: dot(a, a).block_until_ready(), repeats)
     n = 500  # a loop amortises dispatch, as in the decode; the carry keeps XLA from hoisting the dot
     x, w = jnp.ones((64, 128), jnp.float32), jnp.ones((128, 384), jnp.float32) * 1e-3
     small_loop = jax.jit(lambda x, w: jax.lax.fori_loop(0, n, lambda i, x: (x @ w)[:, :128], x))
-    small = n * 2 * 64 * 128 * 384 / _median_time(lambda: small_loop(x, w).block_until_ready(), repeats)
     buf = jnp.ones((256 * 2 ** 20 // 4,), jnp.float32)  # 256 MB, far past the caches
     total = jax.jit(jnp.sum)
-    read = buf.nbytes / _median_time(lambda: total(buf).block_until_ready(), repeats)
-    return {"matmul_1024_flops": big, "matmul_64x128x384_flops": small, "mem_read_bytes_per_s": read}
+    return {
+        "matmul_1024_flops": (lambda: dot(a, a).block_until_ready(), 2 * 1024 ** 3),
+        "matmul_64x128x384_flops": (lambda: small_loop(x, w).block_until_ready(), n * 2 * 64 * 128 * 384),
+        "mem_read_bytes_per_s": (lambda: total(buf).block_until_ready(), buf.nbytes),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +166,7 @@ def decode_work(mcfg: qwen2.Qwen2Config, cfg: BenchConfig, prompt_lens: np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-def bench_preset(preset: str, cfg: BenchConfig, machine: dict, repeats: int) -> dict:
+def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf_model, ours = build_models(preset, os.path.join(tmp, "hf"), cfg.seed)
     mcfg = ours.cfg
@@ -204,12 +197,24 @@ def bench_preset(preset: str, cfg: BenchConfig, machine: dict, repeats: int) -> 
         start = time.perf_counter()
         run()
         compile_s[name] = time.perf_counter() - start
+    probes = machine_probes()
+    for run, _ in probes.values():
+        run()
     times = {name: [] for name in runs}
+    rates = {name: [] for name in probes}
     for _ in range(repeats):  # interleaved: load from other processes hits every implementation alike
         for name, run in runs.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
+        for name, (run, work) in probes.items():
+            best = math.inf
+            for _ in range(3):  # best of 3 per round: a probe takes milliseconds
+                start = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - start)
+            rates[name].append(work / best)
+    machine = {name: float(np.median(r)) for name, r in rates.items()}  # medians over the rounds
     sec = {name: float(np.median(t)) for name, t in times.items()}
     tok = {name: b * n / s for name, s in sec.items() if name != "jax_prefill"}
 
@@ -223,6 +228,7 @@ def bench_preset(preset: str, cfg: BenchConfig, machine: dict, repeats: int) -> 
                       heads=mcfg.num_attention_heads, kv_heads=mcfg.num_key_value_heads,
                       ffn=mcfg.intermediate_size, vocab=mcfg.vocab_size),
         "tokens_per_s": {k: round(v) for k, v in tok.items()},
+        "machine": machine,
         "seconds_per_call": {k: round(v, 4) for k, v in sec.items()},
         "first_call_seconds": {k: round(v, 2) for k, v in compile_s.items()},
         "decode": {
@@ -252,14 +258,11 @@ def main(argv=None) -> dict:
     # made `generate` ~30x slower with 2 threads (measured ~300 vs ~10 ms a step). Passive waiting
     # fixes it; it must be set before torch is first imported (build_models imports it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    machine = machine_figures()
     presets = ["tiny", "mid"] if cfg.config == "both" else [cfg.config]
-    results = {p: bench_preset(p, cfg, machine, cfg.repeats if p == "tiny" else cfg.mid_repeats) for p in presets}
-    machine_after = machine_figures()  # load may change during the run: bracket it
+    results = {p: bench_preset(p, cfg, cfg.repeats if p == "tiny" else cfg.mid_repeats) for p in presets}
     figures = {
         "workload": dict(batch=cfg.batch, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, chunk=cfg.chunk,
                          group_size=cfg.group_size, repeats=cfg.repeats, mid_repeats=cfg.mid_repeats),
-        "machine": {k: [machine[k], machine_after[k]] for k in machine},
         "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg(),
         **results,

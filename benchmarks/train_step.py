@@ -15,10 +15,13 @@ models/hf.py `save_model` writes it, transformers loads it).
               the params do not change between the old-logp forward and the loss, so old_logp =
               stop_gradient(logp) of the loss's own forward (same gradient; one forward fewer)
   old_fwd     the old-logp forward alone (jitted trainer.sequence_log_probs on the batch)
-  torch       transformers Qwen2ForCausalLM (sdpa attention), float32, all cores: forward + backward
+  torch       transformers Qwen2ForCausalLM (sdpa attention), float32, all cores
+              (torch.set_num_threads(os.cpu_count())): forward + backward
               of the same token-mean weighted log-likelihood (the PPO gradient at ratio 1; GRPO-Zero's
               loss) with the same micro-batches, clip_grad_norm_ 1.0 and torch.optim.AdamW. It runs
               no old-logp forward.
+  torch_1thread  the same with torch.set_num_threads(1): on a shared machine OpenMP's barriers
+              stall whenever one of its threads is descheduled, so one thread can be the faster
   rollout     the jitted sampler (rlsoft.rollout.make_sampler over models/qwen2_decode.decode_fns),
               8 prompts x G=8 with a shared prompt cache, 256 new tokens, to host arrays
   rl_step     rollout + a host reward in numpy (fraction of response ids below vocab / 2) + update,
@@ -75,6 +78,7 @@ class BenchConfig:
     sweep: tuple[int, ...] = (1,)  # tiny only: also time trainer.update with these micro_batches
     learning_rate: float = 1e-5
     torch: bool = True
+    torch_1thread: bool = True  # also time the torch update with torch.set_num_threads(1)
     rl_step: bool = True  # time rollout and rollout + reward + update
     variants: bool = True  # time reuse_logp and old_fwd
     seed: int = 0
@@ -267,9 +271,22 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     weights = np.asarray(weighting.compute_weights(batch.rewards, "softmax", tau=0.5)).reshape(-1)
     attn_impl = None
     if cfg.torch:
+        import torch
+
+        def threads(fn, k):
+            def run():
+                torch.set_num_threads(k)
+                try:
+                    return fn()
+                finally:
+                    torch.set_num_threads(os.cpu_count() or 1)
+            return run
+
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_model(model, tmp)
             runs["torch"], attn_impl = torch_update_fn(tmp, batch, weights, m, cfg.learning_rate)
+            if cfg.torch_1thread:
+                runs["torch_1thread"] = threads(torch_update_fn(tmp, batch, weights, m, cfg.learning_rate)[0], 1)
     if cfg.rl_step:
         def run_rollout():
             o = sampler(params, prompts, pmask, jax.random.key(next(keys)))
@@ -317,7 +334,7 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
             tok[name] = processed / s
     fwd = forward_flops(mcfg, non_embedding, b, t)
     flops = {name: (4 if name.startswith("update") else 3) * fwd for name in sec
-             if name.startswith("update") or name in ("reuse_logp", "torch")}
+             if name.startswith("update") or name in ("reuse_logp", "torch", "torch_1thread")}
     if "old_fwd" in sec:
         flops["old_fwd"] = fwd
     machine = matmul_flops({"matmul_1024": (1024, 1024, 1024),
@@ -347,6 +364,8 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
         out["ratio_update_over_torch_paired"] = round(paired("update", "torch"), 2)
         if "reuse_logp" in tok:
             out["ratio_reuse_logp_over_torch_paired"] = round(paired("reuse_logp", "torch"), 2)
+        if "torch_1thread" in tok:
+            out["ratio_update_over_torch_1thread_paired"] = round(paired("update", "torch_1thread"), 2)
     if "reuse_logp" in sec:
         out["ratio_reuse_logp_over_update_paired"] = round(paired("reuse_logp", "update"), 2)
         out["old_fwd_share_of_update_paired"] = round(paired("update", "old_fwd"), 3)
@@ -386,7 +405,7 @@ def main(argv=None) -> dict:
             row = dict(preset=p, impl=name, micro_batches=r["micro_batches"] if not name.startswith("update_m")
                        else int(name[len("update_m"):]), tokens_per_s=float(v),
                        seconds=r["seconds"].get(key, math.nan),
-                       vs_torch=v / base if base and name in r["gflop_per_s"] else math.nan,
+                       vs_torch=v / base if base and name != "old_fwd" and name in r["gflop_per_s"] else math.nan,
                        gflop_per_s=r["gflop_per_s"].get(name, math.nan),
                        frac_matmul_1024=r["frac_matmul_1024"].get(name, math.nan),
                        frac_matmul_model=r["frac_matmul_model"].get(name, math.nan))
