@@ -213,7 +213,8 @@ class Loop:
         sample_s = time.perf_counter() - start
         g = cfg.group_size
         q_idx = np.repeat(idx, g)
-        scores = task.score(q_idx, "train", _rows(resp, rmask))
+        sampled = _rows(resp, rmask)
+        scores = task.score(q_idx, "train", sampled)
         gt, gt_mask = _pad_responses(task.reference_tokens(idx, "train"), cfg.max_new_tokens, task.pad_id)
         if cfg.inject_gt:
             gt_scores = task.score(idx, "train", _rows(gt, gt_mask))
@@ -232,13 +233,12 @@ class Loop:
             sl_mask=gt_mask if cfg.sl_weight > 0 else np.zeros_like(gt_mask))
         self.state, metrics = self.update(self.state, self._shard_rows(batch))
         metrics = jax.device_get(metrics)
-        lengths = rmask[: len(q_idx)].sum(1) if not cfg.inject_gt else np.asarray(out.lengths)
+        lengths = np.asarray(out.lengths)  # the sampled responses only, not injected ground truth
         metrics.update({f"train/{k}": float(np.mean(v)) for k, v in scores.items()})
         metrics["train/reward_std"] = float(np.mean(rewards.std(axis=1)))
         metrics["response_length"] = float(np.mean(lengths))
         metrics["tokens_per_s"] = float(np.sum(out.lengths)) / max(sample_s, 1e-9)
-        texts = [task.decode(_rows(np.asarray(out.tokens), np.asarray(out.mask))[i])
-                 for i in range(min(cfg.samples_to_log, len(q_idx)))]
+        texts = [task.decode(row) for row in sampled[: cfg.samples_to_log]]
         return metrics, texts
 
     def evaluate(self) -> dict:
