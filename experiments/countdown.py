@@ -60,6 +60,9 @@ class CountdownConfig(TrainConfig):
         check(self.num_train >= self.questions_per_step,
               f"num_train={self.num_train} is invalid; need >= questions_per_step")
         check(not self.model or os.path.isdir(self.model), f"model={self.model} is not a directory")
+        for name in ("config.json", "tokenizer.json") if self.model else ():
+            check(os.path.isfile(os.path.join(self.model, name)),
+                  f"model={self.model} is invalid; it has no {name} (expected a Hugging Face checkpoint directory)")
         check(not self.data or os.path.exists(self.data), f"data={self.data} does not exist")
         check(self.vocab_size >= 16, f"vocab_size={self.vocab_size} is invalid; need >= 16")
         check(len(self.sizes) > 0 and all(n in (2, 3, 4, 5) for n in self.sizes),
@@ -71,9 +74,15 @@ class CountdownConfig(TrainConfig):
 PRESETS = {
     "smoke": dict(steps=2, sft_steps=2, questions_per_step=4, group_size=4, eval_every=0, eval_questions=8,
                   eval_batch=8, num_train=200, max_new_tokens=16, checkpoint_every=2, progress=False),
-    "qwen": dict(sizes=(3, 4), max_number=99, learning_rate=1e-6, warmup_steps=0, sft_steps=0, max_new_tokens=1024, eval_batch=16,
-                 questions_per_step=32, group_size=8, micro_batches=8),
+    # sft_learning_rate: the tiny model's 3e-3 would wreck a pretrained checkpoint if --sft_steps is set.
+    "qwen": dict(sizes=(3, 4), max_number=99, learning_rate=1e-6, sft_learning_rate=1e-5, warmup_steps=0, sft_steps=0,
+                 max_new_tokens=1024, eval_batch=16, questions_per_step=32, group_size=8, micro_batches=8),
 }
+PROG = "python -m experiments.countdown"
+
+
+class ModelError(ValueError):
+    """A --model directory that does not load: bad config, tensors or tokenizer (a one-line message)."""
 
 
 class CountdownTask:
@@ -124,11 +133,7 @@ def build(cfg: CountdownConfig):
         train, test = countdown.make_splits(cfg.num_train, seed=cfg.data_seed, sizes=cfg.sizes,
                                             max_number=cfg.max_number, max_target=cfg.max_target)
     if cfg.model:
-        from models import hf
-
-        tok = hf.Tokenizer.from_dir(cfg.model)
-        model = hf.load_model(cfg.model)
-        stops = tuple(i for i in (tok.eos_id, tok.token_id("<|im_end|>")) if i is not None)
+        tok, model, stops = load_hf(cfg.model)
         task = CountdownTask(train, test, tok, chat=True, stop_ids=stops)
     else:
         from models.spm import SentencePieceTokenizer
@@ -139,13 +144,45 @@ def build(cfg: CountdownConfig):
         model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed))
         task = CountdownTask(train, test, tok, chat=False, stop_ids=(tok.eos_id,))
     graphdef, params = nnx.split(model)
-    policy = PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_train.train_forward(graphdef))
+    policy = PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_train.train_forward(graphdef),
+                         response_logits=qwen2_train.response_logits(graphdef))
     return policy, params, task
 
 
+def stop_ids(tok) -> tuple[int, ...]:
+    """Ids that end a chat answer: `<|im_end|>` (ends the assistant turn; the warm-start targets end with
+    the first stop id) then the eos token, each when the vocabulary has it."""
+    ids = (tok.find_id("<|im_end|>"), tok.eos_id)
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def load_hf(model_dir: str):
+    """(tokenizer, model, stop ids) of a Hugging Face Qwen2 directory; ModelError when it does not load."""
+    from models import hf
+
+    try:
+        tok = hf.Tokenizer.from_dir(model_dir)
+        stops = stop_ids(tok)
+        tok.pad_id  # noqa: B018  (raises when tokenizer_config.json names a pad_token the vocabulary lacks)
+        if not stops:
+            raise ValueError("its tokenizer has neither <|im_end|> nor an eos_token (tokenizer_config.json)")
+        model = hf.load_model(model_dir)
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"model={model_dir} is invalid; {reason}") from e
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ModelError(f"model={model_dir} is invalid; its tokenizer has {tok.vocab_size} tokens but the model "
+                         f"only {model.cfg.vocab_size} embeddings")
+    return tok, model, stops
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    cfg = parse_flags(CountdownConfig, argv, presets=PRESETS, prog="python -m experiments.countdown")
-    policy, params, task = build(cfg)
+    cfg = parse_flags(CountdownConfig, argv, presets=PRESETS, prog=PROG)
+    try:
+        policy, params, task = build(cfg)
+    except ModelError as e:  # a bad checkpoint is a bad --model value: one line, exit 2, nothing compiled
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     logger = TensorBoardLogger(cfg.logdir) if cfg.logdir else None
     loop = Loop(cfg, policy, params, task, logger)
     before = after = None

@@ -124,8 +124,18 @@ def _tensor_files(model_dir: str) -> dict:
 
 def load_model(model_dir: str, dtype: str = "float32", param_dtype: Optional[str] = None) -> Qwen2:
     """Qwen2 from a local HF directory, parameters in `param_dtype` (default: `dtype`)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        cfg = config_from_hf(raw, dtype=dtype, param_dtype=param_dtype)
+    except KeyError as e:
+        raise ValueError(f"{path} lacks {e}") from None
     return load_weights(model_dir, cfg)
 
 
@@ -206,6 +216,7 @@ class Tokenizer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self._compiled = None  # (template text, compiled jinja template)
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "Tokenizer":
@@ -218,7 +229,10 @@ class Tokenizer:
         config_path = os.path.join(model_dir, "tokenizer_config.json")
         if os.path.exists(config_path):
             with open(config_path) as f:
-                config = json.load(f)
+                try:
+                    config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{config_path} is not valid JSON: {e}") from None
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             template = {t["name"]: t["template"] for t in template}.get("default")
@@ -227,7 +241,12 @@ class Tokenizer:
             with open(jinja_path) as f:
                 template = f.read()
         special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        return cls(HFTokenizer.from_file(path), template, special)
+        try:
+            tokenizer = HFTokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises a bare Exception
+            reason = str(e).splitlines()[0] if str(e) else repr(e)
+            raise ValueError(f"{path} is not a valid tokenizer.json: {reason}") from None
+        return cls(tokenizer, template, special)
 
     @property
     def vocab_size(self) -> int:
@@ -238,6 +257,10 @@ class Tokenizer:
         if i is None:
             raise ValueError(f"token {token!r} is not in the vocabulary")
         return i
+
+    def find_id(self, token: str) -> Optional[int]:
+        """The id of `token`, or None when the vocabulary lacks it."""
+        return self.tokenizer.token_to_id(token)
 
     @property
     def eos_id(self) -> Optional[int]:
@@ -266,8 +289,11 @@ class Tokenizer:
             from jinja2.ext import loopcontrols
         except ImportError:
             return render_chatml(messages, add_generation_prompt)
-        return _jinja_env(ImmutableSandboxedEnvironment, loopcontrols).from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs)
+        if self._compiled is None or self._compiled[0] != self.chat_template:  # compiling costs ~20x a render
+            self._compiled = (self.chat_template, _jinja_env(ImmutableSandboxedEnvironment, loopcontrols)
+                              .from_string(self.chat_template))
+        return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.special_tokens, **kwargs)
 
 
 def _jinja_env(env_cls, loopcontrols):
