@@ -7,14 +7,15 @@ Workload (GRPO-Zero's shape): 8 questions x G=8 = 64 sequences; prompts of promp
 prompt_len random ids, left padded to prompt_len = 128; 256 response tokens, no stop id (every row
 runs to the end). Both sides use the same random Qwen2 (models/qwen2.py builds it,
 models/hf.py `save_model` writes it, transformers loads it).
-  update      rlsoft.trainer.update via make_update: softmax weights (tau 0.5), token_mean, PPO clip
-              0.2, 1 epoch, AdamW (clip 1.0), `micro_batches` gradient accumulation, float32. It runs
-              the old-logp forward (full batch) and then forward + backward per micro-batch.
+  update      rlsoft.trainer.update as the experiments build it: make_update(train_forward,
+              response_logits) from models/qwen2_train.py (each question's prompt run once for its G
+              rows, blocked causal attention, LM head at the predicting positions only); softmax
+              weights (tau 0.5), token_mean, PPO clip 0.2, 1 epoch (old log-probs = the loss's own,
+              no separate forward), AdamW (clip 1.0), `micro_batches` gradient accumulation, float32
   update_mN   the same with N micro-batches (tiny only, `sweep`)
-  reuse_logp  a proposed change to trainer.update, timed here without editing it: with ppo_epochs == 1
-              the params do not change between the old-logp forward and the loss, so old_logp =
-              stop_gradient(logp) of the loss's own forward (same gradient; one forward fewer)
-  old_fwd     the old-logp forward alone (jitted trainer.sequence_log_probs on the batch)
+  per_row     the same update with every row's prompt + response through train_forward (blocked)
+  per_row_full_attn  the same through Qwen2.__call__ (the full T x T masked attention)
+  old_fwd     the old-logp forward that ppo_epochs > 1 adds (jitted trainer.sequence_log_probs)
   torch       transformers Qwen2ForCausalLM (sdpa attention), float32, all cores
               (torch.set_num_threads(os.cpu_count())): forward + backward
               of the same token-mean weighted log-likelihood (the PPO gradient at ratio 1; GRPO-Zero's
@@ -30,10 +31,11 @@ Token counts: the update processes B x (P + N) tokens; rl_step is credited with 
 B x N tokens plus the B x (P + N) the update processes (`rl_step`), and with the generated tokens
 only (`rl_step_generated`).
 
-FLOPs (useful, float32): a forward is 2 x non-embedding params + 2 x hidden x vocab (LM head) per
-token, plus 4 x layers x heads x head_dim x (causal context summed over positions) for attention;
-forward + backward is 3 forwards; trainer.update adds the old-logp forward (4 forwards in all), the
-torch update and reuse_logp do 3. As fractions of this machine's f32 matmul FLOP/s measured in the
+FLOPs (useful, float32): a forward is 2 x non-embedding params per token through the layers, 2 x
+hidden x vocab per LM-head position, and 4 x layers x heads x head_dim per (query, key) pair of the
+causal attention (plus the shared prompt for the group-shared forward); forward + backward is 3
+forwards. The group-shared update does fewer FLOPs than per_row and torch for the same tokens. As
+fractions of this machine's f32 matmul FLOP/s measured in the
 same run (jitted jnp.dot of 1024 x 1024, and [B x T / micro_batches, hidden] x [hidden, ffn]).
 Implementations are timed interleaved (the machine may be shared); figures are medians of the repeats
 (seconds_min: the fastest), and `*_paired` ratios are medians over rounds of the per-round ratio.
@@ -48,6 +50,7 @@ import math
 import os
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +59,8 @@ from flax import nnx
 
 from models import hf, qwen2
 from models.qwen2_decode import decode_fns
-from models.qwen2_train import train_forward
-from rlsoft import losses, rollout, trainer, weighting
+from models.qwen2_train import response_logits, train_forward
+from rlsoft import rollout, trainer, weighting
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 
@@ -151,30 +154,6 @@ def make_batch(prompts, pmask, tokens, mask, rewards, g: int, tau: float) -> tra
         sl_mask=np.zeros((0, n), bool))
 
 
-def update_reuse_logp(state: trainer.TrainState, batch: trainer.Batch, *, forward, cfg: trainer.UpdateConfig):
-    """trainer.update for ppo_epochs == 1, kl_coef == 0, sl_weight == 0 with the old-logp forward
-    dropped: the loss's own logp (stop_gradient) is old_logp. The proposed change, for timing."""
-    assert cfg.ppo_epochs == 1 and cfg.kl_coef == 0 and cfg.sl_weight == 0
-    m, loss_cfg = cfg.micro_batches, cfg.loss_config()
-    weights = trainer.group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau)
-    seq = (batch.prompts, batch.prompt_mask, batch.responses, batch.response_mask)
-    xs = {"rl": jax.tree.map(lambda x: trainer._micro(x, m), seq + (weights.reshape(-1),)),
-          "share": trainer._loss_shares(batch.response_mask, m, cfg.aggregation)}
-
-    def loss_fn(params, x):
-        prompts, pmask, resp, rmask, w = x["rl"]
-        logp, ent = trainer.sequence_log_probs(forward, params, prompts, pmask, resp, rmask)
-        loss, metrics = losses.policy_loss(logp, jax.lax.stop_gradient(logp), rmask, jax.lax.stop_gradient(w),
-                                           loss_cfg, entropy=ent if cfg.entropy_coef > 0 else None)
-        return loss * x["share"], jax.tree.map(lambda v: v * x["share"], metrics)
-
-    params, opt_state, metrics = trainer._apply_accumulated(state.params, state.opt_state,
-                                                            trainer.make_optimizer(cfg), loss_fn, xs)
-    state, metrics = trainer._finish(state, params, opt_state, jax.tree.map(lambda v: v[None], metrics))
-    metrics.update(trainer.weight_metrics(batch.rewards, weights, cfg.log_tau))
-    return state, metrics
-
-
 def torch_update_fn(model_dir: str, batch: trainer.Batch, weights: np.ndarray, m: int, lr: float):
     """The same update in PyTorch: returns (run() -> pre-clip grad norm, attention implementation)."""
     import torch
@@ -213,11 +192,24 @@ def torch_update_fn(model_dir: str, batch: trainer.Batch, weights: np.ndarray, m
 # FLOPs.
 
 
-def forward_flops(mcfg: qwen2.Qwen2Config, non_embedding: int, rows: int, seq_len: int) -> float:
-    """Useful FLOPs of one forward over rows x seq_len tokens (causal attention over every position)."""
+def forward_flops(mcfg: qwen2.Qwen2Config, non_embedding: int, rows: int, seq_len: int, prefix: int = 0,
+                  head_positions: Optional[int] = None) -> float:
+    """Useful FLOPs of one forward over rows x seq_len tokens: the layers at every position, causal
+    attention plus `prefix` shared positions every query reads, the LM head at `head_positions`
+    (default: every position)."""
     tokens = rows * seq_len
-    attn = 4 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * rows * seq_len * (seq_len + 1) / 2
-    return tokens * (2 * non_embedding + 2 * mcfg.hidden_size * mcfg.vocab_size) + attn
+    context = rows * (seq_len * (seq_len + 1) / 2 + seq_len * prefix)  # keys read, summed over queries
+    attn = 4 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim * context
+    head = tokens if head_positions is None else head_positions
+    return tokens * 2 * non_embedding + head * 2 * mcfg.hidden_size * mcfg.vocab_size + attn
+
+
+def update_forward_flops(mcfg, non_embedding: int, q: int, g: int, p: int, n: int) -> dict:
+    """FLOPs of one forward of each update variant: per row (prompt + response through the layers and
+    the LM head) and group-shared (each prompt once, the LM head at the N predicting positions)."""
+    return {"per_row": forward_flops(mcfg, non_embedding, q * g, p + n),
+            "shared": forward_flops(mcfg, non_embedding, q, p, head_positions=q)
+            + forward_flops(mcfg, non_embedding, q * g, n - 1, prefix=p, head_positions=q * g * (n - 1))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +240,11 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     dev_batch = jax.device_put(batch)
 
     runs, first = {}, {}
+    shared_logits = response_logits(graphdef)
+    full_attention = lambda prm, *a: nnx.merge(graphdef, prm)(*a)  # noqa: E731  (qwen2's T x T attention)
 
-    def add_update(name, fn, c):
-        upd = jax.jit(functools.partial(fn, forward=forward, cfg=c), donate_argnums=0)
+    def add_update(name, c, fwd=forward, grouped=True):
+        upd = trainer.make_update(fwd, c, shared_logits if grouped else None)[0]
         box = [fresh(c)]
 
         def run():
@@ -258,13 +252,14 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
             return jax.device_get(metrics)
         runs[name] = run
 
-    add_update("update", trainer.update, ucfg)
+    add_update("update", ucfg)
     if preset == "tiny":
         for mm in cfg.sweep:
             if mm != m:
-                add_update(f"update_m{mm}", trainer.update, dataclasses.replace(ucfg, micro_batches=mm))
+                add_update(f"update_m{mm}", dataclasses.replace(ucfg, micro_batches=mm))
     if cfg.variants:
-        add_update("reuse_logp", update_reuse_logp, ucfg)
+        add_update("per_row", ucfg, grouped=False)
+        add_update("per_row_full_attn", ucfg, fwd=full_attention, grouped=False)
         seq = (dev_batch.prompts, dev_batch.prompt_mask, dev_batch.responses, dev_batch.response_mask)
         old = jax.jit(lambda prm, *s: trainer.sequence_log_probs(forward, prm, *s)[0])
         runs["old_fwd"] = lambda: old(params, *seq).block_until_ready()
@@ -292,7 +287,7 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
             o = sampler(params, prompts, pmask, jax.random.key(next(keys)))
             return np.asarray(o.tokens), np.asarray(o.mask)
         runs["rollout"] = run_rollout
-        rl_update = trainer.make_update(forward, ucfg)[0]
+        rl_update = trainer.make_update(forward, ucfg, shared_logits)[0]
         rl_box = [fresh(ucfg)]
 
         def run_rl_step():  # rlsoft.train_loop.Loop.rl_step without the Task: sample, score, update
@@ -332,11 +327,12 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
             tok["rollout"] = generated / s
         else:
             tok[name] = processed / s
-    fwd = forward_flops(mcfg, non_embedding, b, t)
-    flops = {name: (4 if name.startswith("update") else 3) * fwd for name in sec
-             if name.startswith("update") or name in ("reuse_logp", "torch", "torch_1thread")}
+    fwd = update_forward_flops(mcfg, non_embedding, q, g, p, n)
+    # An update is forward + backward = 3 forwards; per_row* and torch run every row's prompt.
+    flops = {name: 3 * fwd["shared" if name.startswith("update") else "per_row"] for name in sec
+             if name.startswith(("update", "per_row")) or name in ("torch", "torch_1thread")}
     if "old_fwd" in sec:
-        flops["old_fwd"] = fwd
+        flops["old_fwd"] = fwd["per_row"]
     machine = matmul_flops({"matmul_1024": (1024, 1024, 1024),
                             "matmul_model": (b * t // m, mcfg.hidden_size, mcfg.intermediate_size)})
     out = {
@@ -354,7 +350,7 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
         "gflop_per_s": {k: round(f / sec[k] / 1e9, 1) for k, f in flops.items()},
         "frac_matmul_1024": {k: round(f / sec[k] / machine["matmul_1024"], 3) for k, f in flops.items()},
         "frac_matmul_model": {k: round(f / sec[k] / machine["matmul_model"], 3) for k, f in flops.items()},
-        "flops_per_update": {"trainer_update": 4 * fwd, "without_old_fwd": 3 * fwd},
+        "flops_per_update": {"group_shared": 3 * fwd["shared"], "per_row": 3 * fwd["per_row"]},
     }
     if cfg.torch:
         out["torch_attn_implementation"] = attn_impl
@@ -362,13 +358,12 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
         out["grad_norm_first_step"] = {"jax": float(first_out["update"]["grad_norm"]), "torch": first_out["torch"]}
         out["ratio_update_over_torch"] = round(tok["update"] / tok["torch"], 2)  # of the medians
         out["ratio_update_over_torch_paired"] = round(paired("update", "torch"), 2)
-        if "reuse_logp" in tok:
-            out["ratio_reuse_logp_over_torch_paired"] = round(paired("reuse_logp", "torch"), 2)
         if "torch_1thread" in tok:
             out["ratio_update_over_torch_1thread_paired"] = round(paired("update", "torch_1thread"), 2)
-    if "reuse_logp" in sec:
-        out["ratio_reuse_logp_over_update_paired"] = round(paired("reuse_logp", "update"), 2)
-        out["old_fwd_share_of_update_paired"] = round(paired("update", "old_fwd"), 3)
+    if "per_row" in sec:
+        out["ratio_update_over_per_row_paired"] = round(paired("update", "per_row"), 2)
+        out["ratio_per_row_over_full_attn_paired"] = round(paired("per_row", "per_row_full_attn"), 2)
+        out["old_fwd_share_of_per_row_paired"] = round(paired("per_row", "old_fwd"), 3)
     if "rl_step" in sec:
         out["rollout_share_of_rl_step_paired"] = round(paired("rl_step", "rollout"), 3)
     out["update_tokens_per_s_at_min_time"] = round(processed / best["update"])

@@ -36,6 +36,8 @@ STREAMS = ("data", "rollout", "eval")
 class PolicyModel(NamedTuple):
     decode: rollout.DecodeFns
     forward: trainer.ForwardFn  # (params, tokens, positions, mask) -> logits
+    # Optional: logits of the response tokens with each question's prompt run once (trainer docstring).
+    response_logits: Optional[trainer.ResponseLogitsFn] = None
 
 
 class Task(Protocol):
@@ -142,7 +144,7 @@ class Loop:
         self.mesh = make_mesh()
         root = jax.random.PRNGKey(cfg.seed)
         self.keys = dict(zip(STREAMS, jax.random.split(root, len(STREAMS))))
-        self.update, self.sft_update = trainer.make_update(model.forward, cfg)
+        self.update, self.sft_update = trainer.make_update(model.forward, cfg, model.response_logits)
         sampling = rollout.SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                           top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=task.stop_ids,
                                           pad_id=task.pad_id)

@@ -174,3 +174,52 @@ def test_learning_rate_schedule_has_a_warm_start_phase_then_the_rl_phase():
     np.testing.assert_allclose([float(lr(s)) for s in (10, 12, 14, 100)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
     flat = trainer.learning_rate_schedule(dataclasses.replace(CFG, learning_rate=2e-3, warmup_steps=0))
     assert float(flat(0)) == float(flat(1000)) == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_group_shared_prompt_path_equals_the_per_row_path(micro_batches):
+    # `response_logits` takes one prompt per question (batch.prompts[::G]); the generic adapter
+    # repeats it for the G rows, so both paths see the same sequences.
+    cfg = dataclasses.replace(CFG, micro_batches=micro_batches, clip_eps=0.2, sl_weight=0.5)
+    b = _batch()
+    batch = b._replace(prompts=np.repeat(b.prompts[::G], G, 0), prompt_mask=np.repeat(b.prompt_mask[::G], G, 0))
+    per_row, m1 = _run(cfg, batch)
+    rl, _ = trainer.make_update(forward, cfg, response_logits=trainer.response_logits_from_forward(forward))
+    shared, m2 = rl(trainer.init_state(_params(), cfg), batch)
+    for a, b in zip(jax.tree.leaves(per_row.params), jax.tree.leaves(shared.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+
+
+def test_one_epoch_update_is_adamw_on_the_weighted_log_likelihood_gradient():
+    # ppo_epochs == 1 reuses the loss's own forward as the old policy (ratio exactly 1): the step
+    # must be AdamW (clip 1.0) on the gradient of -sum_i w_i sum_t logp_it / (response tokens).
+    cfg = dataclasses.replace(CFG, clip_eps=0.2, learning_rate=1e-2)
+    batch = _batch()
+    state, metrics = _run(cfg, batch)
+    w = weighting.compute_weights(batch.rewards, "softmax", tau=0.5).reshape(-1)
+    mask = jnp.asarray(batch.response_mask, jnp.float32)
+
+    def loss(params):
+        logp, _ = trainer.sequence_log_probs(forward, params, batch.prompts, batch.prompt_mask, batch.responses,
+                                             batch.response_mask)
+        return -jnp.sum(w[:, None] * logp * mask) / jnp.sum(mask)
+
+    params = _params()
+    grads = jax.grad(loss)(params)
+    tx = trainer.make_optimizer(cfg)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    want = jax.tree.map(lambda p, u: p + u, params, updates)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics["ratio_mean"], 1.0, rtol=1e-6)
+    assert metrics["clip_frac"] == 0.0
+
+
+def test_policy_entropy_is_logged_without_an_entropy_bonus():
+    batch = _batch()
+    _, metrics = _run(CFG, batch)  # entropy_coef = 0
+    _, ent = trainer.sequence_log_probs(forward, _params(), batch.prompts, batch.prompt_mask, batch.responses,
+                                        batch.response_mask)
+    want = np.sum(np.asarray(ent) * batch.response_mask) / batch.response_mask.sum()
+    np.testing.assert_allclose(metrics["entropy"], want, rtol=1e-5)
