@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
+
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 @dataclasses.dataclass(frozen=True)
-class CharGPTConfig:
+class CharGPTConfig(DtypeFields):
     """Hyper-parameters (nanoGPT's names). dtype is the compute dtype, param_dtype the storage one."""
 
     vocab_size: int = 65
@@ -75,21 +76,11 @@ class CharGPTConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} is invalid; need a finite float > 0")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {', '.join(DTYPES)}")
+        self.check_dtypes()
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    @property
-    def jnp_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def jnp_param_dtype(self):
-        return DTYPES[self.param_dtype]
 
     @property
     def num_params(self) -> int:

@@ -43,12 +43,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
+
 _NEG = float(jnp.finfo(jnp.float32).min)  # HF's masked value; a fully masked row stays finite.
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen2Config:
+class Qwen2Config(DtypeFields):
     """Hyper-parameters; names mirror transformers' Qwen2Config. dtypes are names in DTYPES."""
 
     vocab_size: int = 1024
@@ -81,21 +82,11 @@ class Qwen2Config:
                              f"num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} is invalid; RoPE needs an even head_dim")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid; expected one of {list(DTYPES)}")
+        self.check_dtypes()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def jnp_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def jnp_param_dtype(self):
-        return DTYPES[self.param_dtype]
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Qwen2Config":
