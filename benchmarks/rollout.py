@@ -5,7 +5,12 @@
 
 Both sides sample the same random Qwen2 (transformers builds it, `save_pretrained`, models/hf.py
 loads it): 64 left-padded prompts of 113..128 tokens, 256 new tokens, no stop token, temperature 1,
-no top-k / top-p. transformers runs `generate` on CPU torch (all cores, inference mode).
+no top-k / top-p. transformers runs `generate` on CPU torch (inference mode). Both sides use all
+cores by default; `--threads=N` gives both N threads (XLA:CPU's pool through PJRT_NPROC, read when
+the JAX client is created; torch.set_num_threads). Measured on the shared 2-core machine (tiny):
+one thread was faster for both, ~400 vs ~450-530 ms a jax call and ~8,800 vs ~6,500 tokens/s
+for `generate`; the decode's ~130 small ops per step gain nothing from a second thread and wait
+for it when another process holds that core. The mid preset wants both (~9.3 vs ~12.3 s a call).
   jax        rlsoft.rollout sampler over models/qwen2_decode.decode_fns (segmented decode cache)
   jax_1seg   the same with one segment (chunk = new tokens): attention reads every private slot
   generic    the sampler over the plain qwen2.KVCache path (`generic_decode_fns`, the previous one)
@@ -56,11 +61,13 @@ class BenchConfig:
     hf: bool = True  # time transformers generate
     generic: bool = True  # time the plain KVCache sampler too
     seed: int = 0
+    threads: int = 0  # XLA:CPU (PJRT_NPROC) and torch threads, the same for both; 0: all cores
 
     def __post_init__(self):
         check(self.config in ("tiny", "mid", "both"), f"config={self.config} is invalid; expected tiny, mid or both")
         for name in ("repeats", "mid_repeats", "batch", "prompt_len", "new_tokens", "group_size", "chunk"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} is invalid; need >= 1")
+        check(self.threads >= 0, f"threads={self.threads} is invalid; need >= 0 (0: all cores)")
         check(self.new_tokens >= 2, f"new_tokens={self.new_tokens} is invalid; need >= 2")
         check(self.prompt_len >= 16, f"prompt_len={self.prompt_len} is invalid; need >= 16")
         check(self.batch % self.group_size == 0,
@@ -190,7 +197,7 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     if cfg.hf:
         import torch
 
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(cfg.threads or os.cpu_count())
         runs["hf"] = hf_generate_fn(hf_model, tokens, mask, n)
     compile_s = {}
     for name, run in runs.items():  # first call: compile (jax) / warm up (torch)
@@ -258,12 +265,19 @@ def main(argv=None) -> dict:
     # made `generate` ~30x slower with 2 threads (measured ~300 vs ~10 ms a step). Passive waiting
     # fixes it; it must be set before torch is first imported (build_models imports it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if cfg.threads:
+        from jax._src import xla_bridge
+
+        check(not xla_bridge.backends_are_initialized(),
+              f"threads={cfg.threads} is invalid here; the JAX CPU client already exists")
+        os.environ["PJRT_NPROC"] = str(cfg.threads)
     presets = ["tiny", "mid"] if cfg.config == "both" else [cfg.config]
     results = {p: bench_preset(p, cfg, cfg.repeats if p == "tiny" else cfg.mid_repeats) for p in presets}
     figures = {
         "workload": dict(batch=cfg.batch, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, chunk=cfg.chunk,
                          group_size=cfg.group_size, repeats=cfg.repeats, mid_repeats=cfg.mid_repeats),
         "cpu_count": os.cpu_count(),
+        "threads": cfg.threads or os.cpu_count(),
         "load_avg": os.getloadavg(),
         **results,
         "targets": {"tiny_tokens_per_s": 30000, "ratio_over_hf": 5},
