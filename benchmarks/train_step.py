@@ -95,12 +95,12 @@ class BenchConfig:
         check(self.prompt_len >= 16, f"prompt_len={self.prompt_len} is invalid; need >= 16")
         check(self.new_tokens >= 2, f"new_tokens={self.new_tokens} is invalid; need >= 2")
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate} is invalid; need > 0")
-        batch = self.questions * self.group_size
+        # The update runs each question's prompt once, so a micro-batch holds whole questions.
         for name in ("micro_batches", "mid_micro_batches"):
-            check(batch % getattr(self, name) == 0,
-                  f"{name}={getattr(self, name)} is invalid; must divide questions x group_size = {batch}")
+            check(self.questions % getattr(self, name) == 0,
+                  f"{name}={getattr(self, name)} is invalid; must divide questions = {self.questions}")
         for m in self.sweep:
-            check(m >= 1 and batch % m == 0, f"sweep={self.sweep} is invalid; each must divide {batch}")
+            check(m >= 1 and self.questions % m == 0, f"sweep={self.sweep} is invalid; each must divide {self.questions}")
 
 
 # --------------------------------------------------------------------------------------------
