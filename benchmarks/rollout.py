@@ -44,6 +44,7 @@ from flax import nnx
 from models import hf, qwen2
 from models.qwen2_decode import decode_fns, generic_decode_fns
 from rlsoft import rollout
+from benchmarks.timing import first_calls, interleaved
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 
@@ -199,21 +200,13 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
 
         torch.set_num_threads(cfg.threads or os.cpu_count())
         runs["hf"] = hf_generate_fn(hf_model, tokens, mask, n)
-    compile_s = {}
-    for name, run in runs.items():  # first call: compile (jax) / warm up (torch)
-        start = time.perf_counter()
-        run()
-        compile_s[name] = time.perf_counter() - start
+    _, compile_s = first_calls(runs)
     probes = machine_probes()
     for run, _ in probes.values():
         run()
-    times = {name: [] for name in runs}
     rates = {name: [] for name in probes}
-    for _ in range(repeats):  # interleaved: load from other processes hits every implementation alike
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+
+    def probe_round():
         for name, (run, work) in probes.items():
             best = math.inf
             for _ in range(3):  # best of 3 per round: a probe takes milliseconds
@@ -221,6 +214,8 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
                 run()
                 best = min(best, time.perf_counter() - start)
             rates[name].append(work / best)
+
+    times = interleaved(runs, repeats, after_round=probe_round)
     machine = {name: float(np.median(r)) for name, r in rates.items()}  # medians over the rounds
     sec = {name: float(np.median(t)) for name, t in times.items()}
     tok = {name: b * n / s for name, s in sec.items() if name != "jax_prefill"}

@@ -61,6 +61,8 @@ from models import hf, qwen2
 from models.qwen2_decode import decode_fns
 from models.qwen2_train import response_logits, train_forward
 from rlsoft import rollout, trainer, weighting
+from benchmarks.timing import first_calls, interleaved
+from benchmarks.timing import paired as timing_paired
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 
@@ -96,7 +98,7 @@ class BenchConfig:
         check(self.new_tokens >= 2, f"new_tokens={self.new_tokens} is invalid; need >= 2")
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate} is invalid; need > 0")
         # The update runs each question's prompt once, so a micro-batch holds whole questions.
-        for name in ("micro_batches", "mid_micro_batches"):
+        for name in ("micro_batches",) + (("mid_micro_batches",) if self.config != "tiny" else ()):
             check(self.questions % getattr(self, name) == 0,
                   f"{name}={getattr(self, name)} is invalid; must divide questions = {self.questions}")
         for m in self.sweep:
@@ -239,7 +241,7 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     batch = make_batch(prompts, pmask, tokens, rmask, host_reward(tokens, rmask, mcfg.vocab_size), g, 0.5)
     dev_batch = jax.device_put(batch)
 
-    runs, first = {}, {}
+    runs = {}
     shared_logits = response_logits(graphdef)
     full_attention = lambda prm, *a: nnx.merge(graphdef, prm)(*a)  # noqa: E731  (qwen2's T x T attention)
 
@@ -299,23 +301,11 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
             return jax.device_get(metrics)
         runs["rl_step"] = run_rl_step
 
-    first_out = {}
-    for name, run in runs.items():  # first call: compile (jax) / warm up (torch), from the initial params
-        start = time.perf_counter()
-        first_out[name] = run()
-        first[name] = time.perf_counter() - start
-    times = {name: [] for name in runs}
-    for _ in range(repeats):  # interleaved: load from other processes hits every implementation alike
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    first_out, first = first_calls(runs)  # from the initial params
+    times = interleaved(runs, repeats)
     sec = {name: float(np.median(v)) for name, v in times.items()}
     best = {name: float(np.min(v)) for name, v in times.items()}
-
-    def paired(a: str, b: str) -> float:
-        """Median over rounds of time(b) / time(a): calls of one round ran back to back under similar load."""
-        return float(np.median(np.asarray(times[b]) / np.asarray(times[a])))
+    paired = functools.partial(timing_paired, times)
 
     processed, generated = b * t, b * n
     tok = {}
