@@ -1,0 +1,66 @@
+"""models/qwen2_train.py in bfloat16: the training forwards and one update keep the configured dtypes.
+
+(float32 parity of both forwards with transformers is in tests/test_qwen2_parity.py.)"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import qwen2, qwen2_train
+from rlsoft import trainer
+from rlsoft.rollout import prompt_positions
+
+V, Q, G, P, N = 97, 2, 4, 21, 40
+
+
+def _models():
+    f32 = qwen2.Qwen2(qwen2.Qwen2Config.preset("tiny", vocab_size=V), rngs=nnx.Rngs(0))
+    graphdef32, state32 = nnx.split(f32)
+    bf16_cfg = qwen2.Qwen2Config.preset("tiny", vocab_size=V, dtype="bfloat16", param_dtype="bfloat16")
+    graphdef16, _ = nnx.split(qwen2.Qwen2(bf16_cfg, rngs=nnx.Rngs(0)))
+    state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state32)  # the same weights, rounded
+    return (graphdef32, state32), (graphdef16, state16)
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    pmask = np.ones((Q, P), bool)
+    pmask[0, :5] = False
+    prompts = np.where(pmask, rng.integers(1, V, (Q, P)), 0)
+    rmask = np.ones((Q * G, N), bool)
+    rmask[1, 30:] = False
+    responses = np.where(rmask, rng.integers(1, V, (Q * G, N)), 0)
+    return prompts, pmask, responses, rmask
+
+
+def test_bfloat16_response_logits_are_as_close_to_float32_as_the_module_forward():
+    (gd32, st32), (gd16, st16) = _models()
+    prompts, pmask, responses, rmask = _batch()
+    want = qwen2_train.response_logits(gd32)(st32, prompts, pmask, responses, rmask)
+    got = qwen2_train.response_logits(gd16)(st16, prompts, pmask, responses, rmask)
+    assert got.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(got - want)[rmask]))
+    # The reference bf16 error: Qwen2.__call__ in bf16 against float32 on the full sequences.
+    tokens = np.concatenate([np.repeat(prompts, G, 0), responses], 1)
+    mask = np.concatenate([np.repeat(pmask, G, 0), rmask], 1)
+    pos = prompt_positions(jnp.asarray(mask))
+    module16, module32 = nnx.merge(gd16, st16), nnx.merge(gd32, st32)
+    module_err = float(jnp.max(jnp.abs(module16(tokens, pos, mask) - module32(tokens, pos, mask))[mask]))
+    print(f"bf16 vs f32: response_logits {err:.4f}, module forward {module_err:.4f}")
+    assert 0 < err <= 2 * module_err
+
+
+def test_bfloat16_update_keeps_bfloat16_params_and_is_finite():
+    _, (gd16, st16) = _models()
+    prompts, pmask, responses, rmask = _batch()
+    cfg = trainer.UpdateConfig(scheme="softmax", tau=0.5, learning_rate=1e-3, warmup_steps=0, micro_batches=2)
+    update, _ = trainer.make_update(qwen2_train.train_forward(gd16), cfg, qwen2_train.response_logits(gd16))
+    rewards = np.random.default_rng(1).random((Q, G)).astype(np.float32)
+    batch = trainer.Batch(np.repeat(prompts, G, 0), np.repeat(pmask, G, 0), responses, rmask, rewards, np.float32(0.5),
+                          np.zeros((0, N), np.int32), np.zeros((0, P), np.int32), np.zeros((0, P), bool),
+                          np.zeros((0, N), bool))
+    before = jax.tree.map(np.asarray, st16)
+    state, metrics = update(trainer.init_state(st16, cfg), batch)
+    assert float(metrics["finite"]) == 1.0 and np.isfinite(float(metrics["loss"]))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))
