@@ -102,7 +102,8 @@ class BenchConfig:
             check(self.questions % getattr(self, name) == 0,
                   f"{name}={getattr(self, name)} is invalid; must divide questions = {self.questions}")
         for m in self.sweep:
-            check(m >= 1 and self.questions % m == 0, f"sweep={self.sweep} is invalid; each must divide {self.questions}")
+            check(m >= 1 and self.questions % m == 0,
+                  f"sweep={self.sweep} is invalid; each must divide questions = {self.questions}")
 
 
 # --------------------------------------------------------------------------------------------
