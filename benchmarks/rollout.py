@@ -41,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import first_calls, interleaved
 from models import hf, qwen2
 from models.qwen2_decode import decode_fns, generic_decode_fns
 from rlsoft import rollout
-from benchmarks.timing import first_calls, interleaved
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 

@@ -253,7 +253,7 @@ class Tokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token: str) -> int:
-        i = self.tokenizer.token_to_id(token)
+        i = self.find_id(token)
         if i is None:
             raise ValueError(f"token {token!r} is not in the vocabulary")
         return i

@@ -242,11 +242,9 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
     prompts = (batch.prompts[::g], batch.prompt_mask[::g]) if grouped else (batch.prompts, batch.prompt_mask)
     seq = prompts + (batch.responses, batch.response_mask)
     log_probs = functools.partial(response_log_probs, logits_fn)
-    old_logp = ref_logp = jnp.zeros(batch.responses.shape, jnp.float32)  # unused placeholders
-    if cfg.ppo_epochs > 1:
-        old_logp = jax.lax.stop_gradient(log_probs(state.params, *seq)[0])
-    if cfg.kl_coef > 0:
-        ref_logp = jax.lax.stop_gradient(log_probs(state.ref_params, *seq)[0])
+    # None (an empty pytree) where a term does not need them: nothing extra goes through the scan.
+    old_logp = jax.lax.stop_gradient(log_probs(state.params, *seq)[0]) if cfg.ppo_epochs > 1 else None
+    ref_logp = jax.lax.stop_gradient(log_probs(state.ref_params, *seq)[0]) if cfg.kl_coef > 0 else None
     use_sl = cfg.sl_weight > 0 and batch.sl_responses.shape[0] > 0
     sl = (batch.sl_prompts, batch.sl_prompt_mask, batch.sl_responses, batch.sl_mask)
     xs = {
@@ -259,12 +257,12 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
     def loss_fn(params, x):
         prompts, pmask, resp, rmask, w, old, ref = x["rl"]
         logp, ent = log_probs(params, prompts, pmask, resp, rmask)
-        if cfg.ppo_epochs == 1:
+        if old is None:  # ppo_epochs == 1
             old = jax.lax.stop_gradient(logp)
         # The entropy is always reported; it carries a gradient only with an entropy bonus.
         ent = ent if cfg.entropy_coef > 0 else jax.lax.stop_gradient(ent)
         loss, metrics = losses.policy_loss(logp, old, rmask, jax.lax.stop_gradient(w), loss_cfg,
-                                           ref_logp=ref if cfg.kl_coef > 0 else None, entropy=ent)
+                                           ref_logp=ref, entropy=ent)
         metrics = jax.tree.map(lambda v: v * x["rl_share"], metrics)
         loss = loss * x["rl_share"]
         if use_sl:

@@ -242,14 +242,17 @@ def test_config_is_hashable_and_vocab_checked(tiny):
         run(tiny, SamplingConfig(max_new_tokens=2, stop_ids=(5000,)))
 
 
-@pytest.mark.parametrize("shared,chunk,group_size", [(True, 3, 4), (False, 7, 2), (True, 64, 1)])
-def test_segmented_decode_samples_what_the_generic_cache_samples(tiny, shared, chunk, group_size):
-    # The fast path (per-layer chunks, attention over filled segments only) against the plain
-    # qwen2.KVCache path: same key, same tokens, log-probs equal to float tolerance.
+@pytest.mark.parametrize("shared,chunk,group_size,prefill_rows",
+                         [(True, 3, 4, 4), (False, 7, 2, 4), (True, 64, 1, 1), (False, 5, 2, 3)])
+def test_segmented_decode_samples_what_the_generic_cache_samples(tiny, shared, chunk, group_size, prefill_rows):
+    # The fast path (per-layer chunks, attention over filled segments only, the prefill in parts of
+    # gcd(rows, prefill_rows) prompts) against the plain qwen2.KVCache path: same key, same tokens,
+    # log-probs equal to float tolerance.
     from models.qwen2_decode import generic_decode_fns
 
     config = rollout.SamplingConfig(max_new_tokens=N, temperature=1.0)
-    fast = rollout.make_sampler(decode_fns(tiny.graphdef, shared_prompt=shared, chunk=chunk), config, group_size)
+    fns = decode_fns(tiny.graphdef, shared_prompt=shared, chunk=chunk, prefill_rows=prefill_rows)
+    fast = rollout.make_sampler(fns, config, group_size)
     slow = rollout.make_sampler(generic_decode_fns(tiny.graphdef, shared_prompt=shared), config, group_size)
     a = fast(tiny.state, tiny.prompts, tiny.mask, jax.random.key(5))
     b = slow(tiny.state, tiny.prompts, tiny.mask, jax.random.key(5))
