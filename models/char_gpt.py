@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
+from models.matmul import dense_dot_general, embed_attend
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -114,7 +115,7 @@ def _linear(cfg: CharGPTConfig, n_in: int, n_out: int, rngs: nnx.Rngs, std: floa
     return nnx.Linear(n_in, n_out, use_bias=cfg.bias if bias is None else bias, dtype=cfg.jnp_dtype,
                       param_dtype=cfg.jnp_param_dtype,
                       kernel_init=jax.nn.initializers.normal(std or cfg.initializer_range),
-                      bias_init=jax.nn.initializers.zeros, rngs=rngs)
+                      bias_init=jax.nn.initializers.zeros, dot_general=dense_dot_general, rngs=rngs)
 
 
 def _layer_norm(cfg: CharGPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -195,7 +196,7 @@ class CharGPT(nnx.Module):
     def head(self, x: jax.Array) -> jax.Array:
         """ln_f and the LM head (tied or not): [..., d] -> fp32 logits [..., V]."""
         x = self.ln_f(x)
-        return (self.wte.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        return (embed_attend(self.wte, x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits [B,T,V] fp32; logits[:, t] is the distribution of the token after tokens[:, :t+1]."""

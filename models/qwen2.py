@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
+from models.matmul import dense_dot_general, embed_attend
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # HF's masked value; a fully masked row stays finite.
 
@@ -184,7 +185,7 @@ def _linear_factory(cfg: Qwen2Config, rngs: nnx.Rngs):
 
     def make(n_in, n_out, bias):
         return nnx.Linear(n_in, n_out, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                          kernel_init=init, rngs=rngs)
+                          kernel_init=init, dot_general=dense_dot_general, rngs=rngs)
     return make
 
 
@@ -332,7 +333,7 @@ class Qwen2(nnx.Module):
     def head(self, x):
         """Final norm and LM head (tied or not): hidden states [..., d] -> fp32 logits [..., V]."""
         x = self.norm(x)
-        return (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        return (embed_attend(self.embed_tokens, x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
 
 
 ModelLike = Union[Qwen2, tuple]

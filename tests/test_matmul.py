@@ -1,0 +1,69 @@
+"""models/matmul.py: the custom-VJP weight products equal jnp.dot and its autodiff gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import matmul
+
+
+def _data(dtype, shape_x=(3, 5, 8), shape_w=(8, 6), seed=0):
+    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kx, shape_x, dtype), jax.random.normal(kw, shape_w, dtype),
+            jax.random.normal(kg, shape_x[:-1] + (shape_w[-1],), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.0)])
+def test_dense_matches_jnp_dot_and_its_gradient(dtype, atol):
+    x, w, g = _data(dtype)
+    dims = (((2,), (0,)), ((), ()))
+    y = matmul.dense_dot_general(x, w, dims)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jnp.dot(x, w), np.float32))
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * g)
+
+    got = jax.grad(loss(lambda x, w: matmul.dense_dot_general(x, w, dims)), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == dtype
+        # bf16: both sides round the same f32 accumulations once; f32: summation order may differ.
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol or 0.05)
+    # By hand: d w = sum over positions of x^T g (float32).
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got[1], np.einsum("btx,bty->xy", x, g), atol=1e-5)
+
+
+def test_dense_falls_back_for_other_contractions():
+    x, w, _ = _data(jnp.float32, shape_x=(4, 8), shape_w=(6, 8))
+    dims = (((1,), (1,)), ((), ()))  # x @ w.T: not nnx.Linear's contraction
+    np.testing.assert_array_equal(matmul.dense_dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))
+    x, w, _ = _data(jnp.float32, shape_x=(4, 8))
+    hi = matmul.dense_dot_general(x, w, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(hi, jnp.dot(x, w, precision="highest"), atol=1e-6)
+
+
+def test_tied_logits_matches_embed_attend_and_its_gradient():
+    embed = nnx.Embed(11, 8, rngs=nnx.Rngs(0))
+    x, _, _ = _data(jnp.float32, shape_x=(2, 3, 8))
+    g = jax.random.normal(jax.random.key(5), (2, 3, 11))
+    np.testing.assert_array_equal(matmul.embed_attend(embed, x), embed.attend(x))
+    table = embed.embedding[...]
+    got = jax.grad(lambda x, t: jnp.sum(matmul.tied_logits(x, t) * g), argnums=(0, 1))(x, table)
+    want = jax.grad(lambda x, t: jnp.sum(jnp.dot(x, t.T) * g), argnums=(0, 1))(x, table)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(got[1], np.einsum("btv,btd->vd", g, x), atol=1e-5)
+
+
+def test_linear_layer_uses_it_under_jit_and_grad():
+    lin = nnx.Linear(8, 6, dot_general=matmul.dense_dot_general, rngs=nnx.Rngs(1))
+    ref = nnx.Linear(8, 6, rngs=nnx.Rngs(1))
+    x, _, _ = _data(jnp.float32)
+    gd, params = nnx.split(lin)
+    gd_ref, _ = nnx.split(ref)
+    loss = lambda gdef: jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(nnx.merge(gdef, p)(x)))))  # noqa: E731
+    got, want = loss(gd)(params), loss(gd_ref)(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
