@@ -1,9 +1,11 @@
-"""models/qwen2_train.py in bfloat16: the training forwards and one update keep the configured dtypes.
+"""models/qwen2_train.py: the training forwards' gradients (hand-written attention VJP) equal autodiff
+of the module's own forward; in bfloat16 the forwards and one update keep the configured dtypes.
 
-(float32 parity of both forwards with transformers is in tests/test_qwen2_parity.py.)"""
+(float32 parity of both forwards' values with transformers is in tests/test_qwen2_parity.py.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from models import qwen2, qwen2_train
@@ -31,6 +33,34 @@ def _batch():
     rmask[1, 30:] = False
     responses = np.where(rmask, rng.integers(1, V, (Q * G, N)), 0)
     return prompts, pmask, responses, rmask
+
+
+@pytest.mark.parametrize("block", [8, 64])
+def test_training_forward_gradients_equal_autodiff_of_the_module_forward(block):
+    """The blocked attention's custom VJP (own keys + the group-shared prompt prefix, left-padded
+    prompts, a right-padded response) against autodiff through Qwen2.__call__ (qwen2._attend) on
+    the concatenated sequences, for the loss sum(logits * R) over the real response positions."""
+    (gd, st), _ = _models()
+    prompts, pmask, responses, rmask = _batch()
+    r = jax.random.normal(jax.random.key(3), (Q * G, N, V))
+    tokens = np.concatenate([np.repeat(prompts, G, 0), responses], 1)
+    mask = np.concatenate([np.repeat(pmask, G, 0), rmask], 1)
+    pos = prompt_positions(jnp.asarray(mask))
+    live = jnp.asarray(rmask)[..., None]
+
+    def shared(params):
+        logits = qwen2_train.response_logits(gd, block=block)(params, prompts, pmask, responses, rmask)
+        return jnp.sum(jnp.where(live, logits * r, 0.0))
+
+    def per_row(params, fwd):
+        logits = fwd(params, tokens, pos, mask)[:, P - 1:-1]
+        return jnp.sum(jnp.where(live, logits * r, 0.0))
+
+    want = jax.grad(per_row)(st, lambda p, *a: nnx.merge(gd, p)(*a))
+    for got in (jax.grad(shared)(st), jax.grad(per_row)(st, qwen2_train.train_forward(gd, block=block))):
+        scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
+        err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        assert err <= 2e-5 * scale, (err, scale)
 
 
 def test_bfloat16_response_logits_are_as_close_to_float32_as_the_module_forward():
