@@ -358,7 +358,9 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     if "rl_step" in sec:
         out["rollout_share_of_rl_step_paired"] = round(paired("rl_step", "rollout"), 3)
     out["update_tokens_per_s_at_min_time"] = round(processed / best["update"])
-    out["targets_met"] = {"update_tokens_per_s": tok["update"] >= TARGETS["update_tokens_per_s"]}
+    out["targets_met"] = {}
+    if preset == "tiny":  # GRPO-Zero's ~8,300 tokens/s reference is for the tiny config only
+        out["targets_met"]["update_tokens_per_s"] = tok["update"] >= TARGETS["update_tokens_per_s"]
     if cfg.torch:
         out["targets_met"]["ratio_update_over_torch"] = out["ratio_update_over_torch_paired"] >= TARGETS[
             "ratio_update_over_torch"]
