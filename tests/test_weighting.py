@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from rlsoft import schedules, weighting
+from rlsoft import weighting
 from rlsoft.weighting import SCHEME_NAMES, compute_weights
 
 TAU = 0.7  # default temperature for the schemes that need one
