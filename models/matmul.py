@@ -19,6 +19,9 @@ every leading position):
     the tiny update); x^T g [d, V] transposes x instead (V / d times fewer bytes), and the
     optimization barrier stops XLA from folding the final transpose back into the dot: 1.11x on
     the same update (568 vs 634 ms).
+
+Both are jax.custom_vjp functions, so forward-mode AD (jax.jvp, jacfwd, hessian) does not go through
+them; nothing in the repository uses it.
 """
 from __future__ import annotations
 

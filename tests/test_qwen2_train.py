@@ -58,9 +58,51 @@ def test_training_forward_gradients_equal_autodiff_of_the_module_forward(block):
 
     want = jax.grad(per_row)(st, lambda p, *a: nnx.merge(gd, p)(*a))
     for got in (jax.grad(shared)(st), jax.grad(per_row)(st, qwen2_train.train_forward(gd, block=block))):
-        scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
-        err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-        assert err <= 2e-5 * scale, (err, scale)
+        # Each parameter against its own largest gradient (float32 summation order: ~1e-6 seen).
+        for path, a, b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b))), path[0]
+
+
+def _reference_attention(q, k, v, mask, prefix, scale):
+    """Plain softmax over the concatenated [prefix, own] scores with `where` masking; autodiff of
+    this is the reference for the hand-written VJP (shapes as qwen2_train._probs)."""
+    s = jnp.einsum("bgkrtd,bgksd->bgkrts", q, k) * scale
+    segments = [(jnp.where(mask[:, :, None, None], s, qwen2._NEG), v[:, :, :, None])]
+    if prefix is not None:
+        pk, pv, valid = prefix
+        sp = jnp.einsum("bgkrtd,bkpd->bgkrtp", q, pk) * scale
+        segments.insert(0, (jnp.where(valid[:, None, None, None, None], sp, qwen2._NEG), pv[:, None, :, None]))
+    p = jax.nn.softmax(jnp.concatenate([z for z, _ in segments], axis=-1), axis=-1)
+    parts = jnp.split(p, np.cumsum([z.shape[-1] for z, _ in segments])[:-1], axis=-1)
+    return sum(jnp.einsum("bgkrts,bgkrsd->bgkrtd", pp, vv) for pp, (_, vv) in zip(parts, segments))
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_block_attention_vjp_equals_autodiff_with_fully_masked_rows(with_prefix):
+    bp, g, kvh, r, t, d, p = 2, 3, 2, 2, 5, 4, 6
+    keys = iter(jax.random.split(jax.random.key(7), 8))
+    q = jax.random.normal(next(keys), (bp, g, kvh, r, t, d))
+    k, v = (jax.random.normal(next(keys), (bp, g, kvh, t, d)) for _ in range(2))
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & jnp.ones((bp, g, 1, t), bool).at[0, 1, 0, :2].set(False)
+    mask = mask.at[1, 2, 3].set(False)  # query 3 of that row sees no own key at all
+    pk, pv = (jax.random.normal(next(keys), (bp, kvh, p, d)) for _ in range(2))
+    valid = jnp.ones((bp, p), bool).at[0, :2].set(False).at[1].set(False)  # prompt 1: no valid slot
+    r_out = jax.random.normal(next(keys), q.shape)  # a cotangent on every row, fully masked ones too
+
+    def loss(f):
+        def fn(q, k, v, pk, pv):
+            pre = (pk, pv, valid) if with_prefix else None
+            return jnp.sum(f(q, k, v, mask, pre, d ** -0.5) * r_out)
+        return fn
+
+    args = (q, k, v, pk, pv)
+    np.testing.assert_allclose(loss(qwen2_train._block_attention)(*args), loss(_reference_attention)(*args),
+                               rtol=1e-5)
+    got = jax.grad(loss(qwen2_train._block_attention), argnums=(0, 1, 2, 3, 4))(*args)
+    want = jax.grad(loss(_reference_attention), argnums=(0, 1, 2, 3, 4))(*args)
+    assert not mask[1, 2, 3].any() and not valid[1].any()
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_bfloat16_response_logits_are_as_close_to_float32_as_the_module_forward():
