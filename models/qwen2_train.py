@@ -207,15 +207,16 @@ def response_logits(graphdef: nnx.GraphDef, block: int = BLOCK):
         g = b // nq
         prompt_mask, response_mask = prompt_mask.astype(bool), response_mask.astype(bool)
         x, kvs = _layers(module, prompts, prompt_positions(prompt_mask), prompt_mask, block=block)
-        first = jnp.repeat(module.head(x[:, -1:]), g, axis=0)  # [B,1,V]: predicts response token 0
+        first = jnp.repeat(x[:, -1:], g, axis=0)  # [B,1,d]: the state that predicts response token 0
         if n == 1:
-            return first
+            return module.head(first)
         # Positions continue the concatenated sequence's: (real prompt tokens) + (response tokens so far).
         lengths = jnp.repeat(jnp.sum(prompt_mask, axis=1), g)[:, None]
         tokens, mask = responses[:, :-1], response_mask[:, :-1]  # the last token predicts nothing
         positions = jnp.maximum(lengths + jnp.cumsum(mask, axis=1) - 1, 0)
         prefix = (tuple(k for k, _ in kvs), tuple(v for _, v in kvs), prompt_mask)
         x, _ = _layers(module, tokens, positions, mask, prefix=prefix, block=block)
-        return jnp.concatenate([first, module.head(x)], axis=1)
+        # One LM head over [B, N, d]: the states are concatenated, not the V-wide logits.
+        return module.head(jnp.concatenate([first, x], axis=1))
 
     return fn

@@ -165,6 +165,9 @@ def test_group_shared_response_logits_match_transformers(ckpt, block):
     diff = max_diff_on_mask(got, want, rmask)
     print(f"group-shared response logits (block {block}) vs transformers: max abs diff {diff:.2e}")
     assert diff < TOL
+    # A one-token response: only the prompt's last state goes through the head.
+    one = jax.jit(response_logits(graphdef, block))(state, prompts, pmask, resp[:, :1], rmask[:, :1])
+    assert one.shape == (len(resp), 1, VOCAB) and max_diff_on_mask(one, want[:, :1], rmask[:, :1]) < TOL
 
 
 def test_group_shared_prompt_cache(ckpt):
