@@ -57,12 +57,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import first_calls, interleaved
+from benchmarks.timing import paired as timing_paired
 from models import hf, qwen2
 from models.qwen2_decode import decode_fns
 from models.qwen2_train import response_logits, train_forward
 from rlsoft import rollout, trainer, weighting
-from benchmarks.timing import first_calls, interleaved
-from benchmarks.timing import paired as timing_paired
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 

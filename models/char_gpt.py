@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
-from models.matmul import dense_dot_general, embed_attend
+from models.matmul import dense_dot_general
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -196,7 +196,7 @@ class CharGPT(nnx.Module):
     def head(self, x: jax.Array) -> jax.Array:
         """ln_f and the LM head (tied or not): [..., d] -> fp32 logits [..., V]."""
         x = self.ln_f(x)
-        return (embed_attend(self.wte, x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        return (self.wte.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits [B,T,V] fp32; logits[:, t] is the distribution of the token after tokens[:, :t+1]."""

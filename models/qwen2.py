@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
-from models.matmul import dense_dot_general, embed_attend
+from models.matmul import dense_dot_general
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # HF's masked value; a fully masked row stays finite.
 
@@ -333,7 +333,7 @@ class Qwen2(nnx.Module):
     def head(self, x):
         """Final norm and LM head (tied or not): hidden states [..., d] -> fp32 logits [..., V]."""
         x = self.norm(x)
-        return (embed_attend(self.embed_tokens, x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        return (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
 
 
 ModelLike = Union[Qwen2, tuple]

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import qwen2
+from models.matmul import swapped_product
 from rlsoft.rollout import prompt_positions
 
 BLOCK = 64
@@ -77,21 +78,13 @@ def _block_rows(x, q_shape):
     return jnp.moveaxis(x.reshape((bp, kvh, g, r, t) + x.shape[3:]), 1, 2)
 
 
-def _weight_grad(a, b, spec):
-    """einsum(spec) -> [..., i, j] as the swapped-axes of [..., j, i]: the contracted operand `b`
-    (the wide score gradient) then keeps its layout and `a` (head_dim wide) is the one XLA:CPU
-    transposes; the barrier stops XLA from folding the swap back into the dot (models/matmul.py)."""
-    return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)),
-                        -1, -2)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _block_attention(q, k, v, mask, prefix, scale):
     """Softmax attention of one query block (shapes: `_probs`) -> [Bp,G,K,R,t,D] in q's dtype.
 
     Hand-written VJP (standard softmax attention backward, dS = P (dP - rowsum(dO O))): the key and
-    value gradients are written as [D, keys] products and swapped (`_weight_grad`), where autodiff
-    copies the [t, keys] score gradients transposed. Measured on the tiny preset's update: 1.045x
+    value gradients are written as [D, keys] products and swapped (models.matmul.swapped_product),
+    where autodiff copies the [t, keys] score gradients transposed. Measured on the tiny preset's update: 1.045x
     (paired median of 7 rounds, 433 vs 449 ms). Masked scores get zero gradient, as autodiff through
     the `where` gives, also on rows whose every key is masked (P is uniform there, not 0). rowsum(dO O)
     uses the float32 output, before its cast to q's dtype. tests/test_qwen2_train.py checks the
@@ -116,8 +109,8 @@ def _attention_bwd(scale, res, d_out):
     dp_own = jnp.einsum("bgkrtd,bgksd->bgkrts", d_out, v, preferred_element_type=jnp.float32)
     ds_own = jnp.where(mask[:, :, None, None], p_own * (dp_own - delta[..., None]) * scale, 0.0)
     dq = jnp.einsum("bgkrts,bgksd->bgkrtd", ds_own.astype(k.dtype), k, preferred_element_type=jnp.float32)
-    dk = _weight_grad(q, ds_own.astype(q.dtype), "bgkrtd,bgkrts->bgkds")
-    dv = _weight_grad(d_out, p_own.astype(d_out.dtype), "bgkrtd,bgkrts->bgkds")
+    dk = swapped_product(q, ds_own.astype(q.dtype), "bgkrtd,bgkrts->bgkds")
+    dv = swapped_product(d_out, p_own.astype(d_out.dtype), "bgkrtd,bgkrts->bgkds")
     d_prefix = None
     if prefix is not None:
         pk, pv, valid = prefix
@@ -126,8 +119,8 @@ def _attention_bwd(scale, res, d_out):
         ds_pre = jnp.where(valid[:, None, None, :], p_pre * (dp_pre - _query_rows(delta)[..., None]) * scale, 0.0)
         dq_pre = jnp.einsum("bkmp,bkpd->bkmd", ds_pre.astype(pk.dtype), pk, preferred_element_type=jnp.float32)
         dq = dq + _block_rows(dq_pre, q.shape)
-        d_prefix = (_weight_grad(q_rows, ds_pre.astype(q.dtype), "bkmd,bkmp->bkdp").astype(pk.dtype),
-                    _weight_grad(do_rows, p_pre.astype(d_out.dtype), "bkmd,bkmp->bkdp").astype(pv.dtype), None)
+        d_prefix = (swapped_product(q_rows, ds_pre.astype(q.dtype), "bkmd,bkmp->bkdp").astype(pk.dtype),
+                    swapped_product(do_rows, p_pre.astype(d_out.dtype), "bkmd,bkmp->bkdp").astype(pv.dtype), None)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_prefix
 
 

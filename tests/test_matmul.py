@@ -1,4 +1,4 @@
-"""models/matmul.py: the custom-VJP weight products equal jnp.dot and its autodiff gradients."""
+"""models/matmul.py: the custom-VJP dense product equals jnp.dot and its autodiff gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,17 +46,12 @@ def test_dense_falls_back_for_other_contractions():
     np.testing.assert_allclose(hi, jnp.dot(x, w, precision="highest"), atol=1e-6)
 
 
-def test_tied_logits_matches_embed_attend_and_its_gradient():
-    embed = nnx.Embed(11, 8, rngs=nnx.Rngs(0))
-    x, _, _ = _data(jnp.float32, shape_x=(2, 3, 8))
-    g = jax.random.normal(jax.random.key(5), (2, 3, 11))
-    np.testing.assert_array_equal(matmul.embed_attend(embed, x), embed.attend(x))
-    table = embed.embedding[...]
-    got = jax.grad(lambda x, t: jnp.sum(matmul.tied_logits(x, t) * g), argnums=(0, 1))(x, table)
-    want = jax.grad(lambda x, t: jnp.sum(jnp.dot(x, t.T) * g), argnums=(0, 1))(x, table)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    np.testing.assert_allclose(got[1], np.einsum("btv,btd->vd", g, x), atol=1e-5)
+def test_swapped_product_is_the_einsum_with_its_last_axes_swapped():
+    a = jax.random.normal(jax.random.key(3), (2, 7, 4))
+    b = jax.random.normal(jax.random.key(4), (2, 7, 9))
+    got = matmul.swapped_product(a, b, "bnd,bnv->bdv")
+    assert got.shape == (2, 9, 4) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, np.einsum("bnd,bnv->bvd", a, b), atol=1e-5)
 
 
 def test_linear_layer_uses_it_under_jit_and_grad():
@@ -73,13 +68,13 @@ def test_linear_layer_uses_it_under_jit_and_grad():
     assert "custom_vjp_call" in str(forward(gd)) and "custom_vjp_call" not in str(forward(gd_ref))
 
 
-def test_the_models_use_both_products():
+def test_the_models_use_the_dense_product():
     from models import char_gpt, qwen2
 
     model = qwen2.Qwen2(qwen2.Qwen2Config.preset("tiny", vocab_size=32), rngs=nnx.Rngs(0))
     tokens = jnp.ones((1, 4), jnp.int32)
     jaxpr = str(jax.make_jaxpr(lambda t: model(t, jnp.arange(4)[None]))(tokens))
-    # 7 projections per layer x 2 layers + the tied head.
-    assert jaxpr.count("custom_vjp_call") == 15
+    # 7 projections per layer x 2 layers (the tied head is a plain product).
+    assert jaxpr.count("custom_vjp_call") == 14
     graphdef, params = char_gpt.init_model(char_gpt.CharGPTConfig.preset("tiny", vocab_size=32), 0)
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens))(params))
