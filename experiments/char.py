@@ -14,31 +14,31 @@ comes from tensorflow-datasets (`tiny_shakespeare`), which needs a download.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from typing import Optional, Sequence
+import sys
+from typing import ClassVar, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from envs import char_rewards, chartext, ngram
 from rlsoft import exhaustive_loop as xl
-from rlsoft import monitors
 from rlsoft.config import check, parse_flags
-from rlsoft.logger import TensorBoardLogger, format_table
+from rlsoft.driver import Driver, RunConfig, RunError, prepare_run
+from rlsoft.logger import format_table
+
+PROG = "python -m experiments.char"
 
 
 @dataclasses.dataclass(frozen=True)
-class CharConfig(xl.ExhaustiveConfig):
+class CharConfig(xl.ExhaustiveConfig, RunConfig):
     text_file: str = ""
     data_dir: str = ""
     model_preset: str = "cpu"
     context: int = 32
     batch_size: int = 64
     steps: int = 2000
-    chunk: int = 100  # steps per compiled call; the host logs between calls
-    learning_rate: float = 3e-3
+    chunk: int = 100  # steps per compiled call (one lax.scan); the driver logs between calls
+    policy: xl.optim.OptimizerConfig = xl.optim.OptimizerConfig(name="adam", learning_rate=3e-3)
     kl_coef: float = 0.0
     w_exact: float = 1.0
     w_ngram: float = 0.1
@@ -47,17 +47,22 @@ class CharConfig(xl.ExhaustiveConfig):
     bonus_cap: float = 1.5
     smoothing: float = 0.03
     eval_every: int = 500
+    checkpoint_every: int = 500
     eval_chars: int = 20000  # of the validation split (all of it: 0)
+    eval_batch: int = 512
     sample_chars: int = 300
-    seed: int = 0
-    logdir: str = ""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = xl.ExhaustiveConfig.FLAG_ALIASES
 
     def __post_init__(self):
-        super().__post_init__()
+        xl.ExhaustiveConfig.__post_init__(self)
+        RunConfig.__post_init__(self)
         check(self.context >= 1, f"context={self.context} is invalid; need >= 1")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} is invalid; need >= 1")
         check(self.steps >= 1 and self.chunk >= 1, f"steps={self.steps}, chunk={self.chunk} are invalid; need >= 1")
-        check(self.eval_every >= 0 and self.eval_chars >= 0, "eval_every and eval_chars must be >= 0")
+        check(self.eval_chars >= 0, f"eval_chars={self.eval_chars} is invalid; need >= 0")
+        check(self.eval_batch >= 1, f"eval_batch={self.eval_batch} is invalid; need >= 1")
+        check(self.sample_chars >= 0, f"sample_chars={self.sample_chars} is invalid; need >= 0")
         self.reward_config()
 
     def reward_config(self) -> char_rewards.CharRewardConfig:
@@ -68,30 +73,12 @@ class CharConfig(xl.ExhaustiveConfig):
 
 PRESETS = {
     "smoke": dict(model_preset="tiny", context=8, batch_size=16, steps=20, chunk=10, eval_every=10,
-                  eval_chars=500, sample_chars=40),
+                  checkpoint_every=10, eval_chars=500, sample_chars=40, progress=False),
 }
 
 
-EVAL_BATCH = 512
-
-
-def evaluate(evaluator, params, ids: np.ndarray, context: int, limit: int) -> dict[str, float]:
-    """Cross-entropy (nats/char) and top-1 accuracy on `ids` (its first `limit` targets; 0 = all)."""
-    ids = ids[: limit + context] if limit else ids
-    nll = correct = count = 0.0
-    for contexts, targets in chartext.eval_windows(ids, context, batch=EVAL_BATCH):
-        n = len(targets)
-        valid = np.arange(EVAL_BATCH) < n
-        if n < EVAL_BATCH:  # pad to one compiled shape; padded rows are masked out
-            contexts = np.concatenate([contexts, contexts[:1].repeat(EVAL_BATCH - n, 0)])
-            targets = np.concatenate([targets, targets[:1].repeat(EVAL_BATCH - n, 0)])
-        s, c = evaluator(params, contexts, targets, valid)
-        nll, correct, count = nll + float(s), correct + float(c), count + n
-    return {"eval/cross_entropy": nll / count, "eval/top1": correct / count}
-
-
 def build(cfg: CharConfig):
-    """Data, n-gram reference, model and the loop's task functions."""
+    """Data, n-gram reference, model and the testbed's device functions (nothing compiled yet)."""
     from models import char_gpt
 
     data = chartext.load_char_data(cfg.text_file or None, cfg.data_dir or None)
@@ -115,58 +102,54 @@ def build(cfg: CharConfig):
     def ref_log_probs_fn(contexts):
         return ngram.ngram_log_probs(table, contexts[:, -1:])
 
-    task = xl.Task(logits_fn, batch_fn, reward_fn, ref_log_probs_fn if cfg.kl_coef > 0 else None)
-    return data, params, task
+    fns = xl.NextTokenFns(logits_fn, batch_fn, reward_fn, ref_log_probs_fn if cfg.kl_coef > 0 else None)
+    return data, params, fns
+
+
+def make_testbed(cfg: CharConfig, data, params, fns) -> xl.NextTokenTestbed:
+    def windows(limit: int):
+        ids = data.validation[: limit + cfg.context] if limit else data.validation
+        return chartext.eval_windows(ids, cfg.context, batch=cfg.eval_batch)
+
+    return xl.NextTokenTestbed(cfg, fns, params, windows, total_steps=cfg.steps)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    cfg = parse_flags(CharConfig, argv, presets=PRESETS, prog="python -m experiments.char")
+    cfg = parse_flags(CharConfig, argv, presets=PRESETS, prog=PROG)
     try:
-        data, params, task = build(cfg)
-    except chartext.DataUnavailableError as e:
-        raise SystemExit(f"python -m experiments.char: error: {e}") from None
+        run_dir = prepare_run(cfg, "char")
+        data, params, fns = build(cfg)
+        check(len(data.train) > cfg.context and len(data.validation) > cfg.context,
+              f"context={cfg.context} is invalid; the text's splits have {len(data.train)} and "
+              f"{len(data.validation)} characters, need more than one context")
+        testbed = make_testbed(cfg, data, params, fns)
+        driver = Driver(testbed, cfg, run_dir)
+    except (chartext.DataUnavailableError, RunError, ValueError) as e:
+        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
     ladder = ngram.ladder(data.train, data.validation, data.vocab.size, orders=(1, 2, 3, 4), k=cfg.smoothing)
     print("n-gram reference on the validation split:")
     print(ngram.format_ladder(ladder))
-    mon_cfg = monitors.MonitorConfig()
-    state = xl.init_state(params, cfg, mon_cfg)
-    chunk = min(cfg.chunk, cfg.steps)
-    run_chunk = xl.make_train_chunk(task, cfg, mon_cfg, chunk)
-    evaluator = xl.make_evaluator(task.logits_fn)
-    sampler = xl.make_text_sampler(task.logits_fn, cfg.context, cfg.sample_chars)
-    keys = dict(zip(("train", "sample"), jax.random.split(jax.random.PRNGKey(cfg.seed))))
-    logger = TensorBoardLogger(cfg.logdir) if cfg.logdir else None
-    history, start = [], time.perf_counter()
-    done = 0
-    while done < cfg.steps:
-        state, metrics = run_chunk(state, keys["train"])
-        done += chunk
-        row = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-        health = monitors.report(state.monitor)
-        row.update({f"health/{k}": v for k, v in health.items()})
-        if cfg.eval_every and (done % cfg.eval_every < chunk or done >= cfg.steps):
-            row.update(evaluate(evaluator, state.params, data.validation, cfg.context, cfg.eval_chars))
-        row["step"] = done
-        history.append(row)
-        if logger is not None:
-            logger.scalars(done, row)
-        shown = " ".join(f"{k.split('/')[-1]}={row[k]:.3f}" for k in
-                         ("loss", "accuracy", "entropy", "eval/cross_entropy", "eval/top1") if k in row)
-        print(f"step {done:6d}  {shown}  ({time.perf_counter() - start:.0f} s)", flush=True)
-        for w in monitors.warnings(health, mon_cfg):
-            print(f"warning: {w}", flush=True)
-    final = evaluate(evaluator, state.params, data.validation, cfg.context, 0)
+    result = driver.run()
+    if driver.stopped is not None:
+        driver.close()
+        print(f"stopped at step {driver.step}; resume with --resume", file=sys.stderr)
+        raise SystemExit(128 + driver.stopped)
+    final = testbed.evaluate(driver.state, limit=0)
+    sampler = xl.make_text_sampler(fns.logits_fn, cfg.context, cfg.sample_chars)
     prompt = jnp.asarray(data.validation[: cfg.context])
-    text = data.vocab.decode(np.asarray(sampler(state.params, prompt, keys["sample"])))
-    rows = [dict(model=f"{r.order}-gram", cross_entropy=r.nats, top1=r.top1) for r in ladder]
+    text = data.vocab.decode(np.asarray(sampler(driver.state.params("policy"), prompt, driver.keys["sample"])))
+    rows = [dict(model=f"{r.order}-gram", cross_entropy=r.nats, perplexity=float(np.exp(r.nats)), top1=r.top1)
+            for r in ladder]
     rows.append(dict(model=f"char GPT, RL ({cfg.scheme}, {cfg.mode})", cross_entropy=final["eval/cross_entropy"],
-                     top1=final["eval/top1"]))
+                     perplexity=final["eval/perplexity"], top1=final["eval/top1"]))
     print(format_table(rows))
     print("sample:\n" + text)
-    if logger is not None:
-        logger.text(cfg.steps, "sample", text)
-        logger.close()
-    return dict(final=final, ladder=ladder, history=history, sample=text, state=state)
+    if driver.logger is not None:
+        driver.logger.text(driver.step, "sample", text)
+    driver.close()
+    return dict(final=final, ladder=ladder, history=result.history, sample=text, state=driver.state,
+                run_dir=run_dir.path)
 
 
 if __name__ == "__main__":

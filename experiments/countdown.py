@@ -19,9 +19,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from envs import countdown
+from rlsoft import optim, rollout
 from rlsoft.config import check, parse_flags
-from rlsoft.logger import TensorBoardLogger
-from rlsoft.train_loop import Loop, PolicyModel, TrainConfig
+from rlsoft.driver import Driver, RunError, prepare_run
+from rlsoft.train_loop import LanguageTestbed, PolicyModel, TrainConfig
 
 MARKUP = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -30,15 +31,14 @@ MARKUP = ("<think>", "</think>", "<answer>", "</answer>")
 class CountdownConfig(TrainConfig):
     scheme: str = "softmax"
     tau: float | str = 0.5
-    learning_rate: float = 3e-4
+    policy: optim.OptimizerConfig = optim.OptimizerConfig(learning_rate=3e-4, warmup_steps=5)
     sft_learning_rate: float | None = 3e-3
-    warmup_steps: int = 5
     steps: int = 150
     sft_steps: int = 300
     sl_weight: float = 0.0
     questions_per_step: int = 16
     group_size: int = 8
-    max_new_tokens: int = 24
+    sampling: rollout.SamplingConfig = rollout.SamplingConfig(max_new_tokens=24)
     eval_every: int = 50
     eval_questions: int = 128
     eval_batch: int = 128
@@ -179,26 +179,31 @@ def load_hf(model_dir: str):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = parse_flags(CountdownConfig, argv, presets=PRESETS, prog=PROG)
     try:
+        run_dir = prepare_run(cfg, "countdown")
         policy, params, task = build(cfg)
-    except ModelError as e:  # a bad checkpoint is a bad --model value: one line, exit 2, nothing compiled
+        # A bad checkpoint is a bad --model value, a bad parquet a bad --data value: one line, exit 2.
+        driver = Driver(LanguageTestbed(cfg, policy, params, task), cfg, run_dir)
+    except (ModelError, RunError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    logger = TensorBoardLogger(cfg.logdir) if cfg.logdir else None
-    loop = Loop(cfg, policy, params, task, logger)
     before = after = None
     history = []
-    if loop.step <= cfg.sft_steps:
+    if driver.step <= cfg.sft_steps:
         # Warm start first; the eval at the switch is the "before RL" figure.
-        history += loop.run(until=cfg.sft_steps)
-        before = loop.evaluate()["eval/success"]
-        print(f"eval success before RL: {before:.3f}", flush=True)
-    history += loop.run()
-    after = loop.evaluate()["eval/success"]
-    print(f"eval success after RL:  {after:.3f}" + (f"  (before: {before:.3f})" if before is not None else ""))
-    loop.close()
-    if logger is not None:
-        logger.close()
-    return dict(before=before, after=after, history=history, loop=loop)
+        history += driver.run(until=cfg.sft_steps).history
+        if driver.stopped is None:
+            before = driver.evaluate()["eval/success"]
+            print(f"eval success before RL: {before:.3f}", flush=True)
+    if driver.stopped is None:
+        history += driver.run().history
+    if driver.stopped is None:
+        after = driver.evaluate()["eval/success"]
+        print(f"eval success after RL:  {after:.3f}" + (f"  (before: {before:.3f})" if before is not None else ""))
+    driver.close()
+    if driver.stopped is not None:
+        print(f"stopped at step {driver.step}; resume with --resume", file=sys.stderr)
+        raise SystemExit(128 + driver.stopped)
+    return dict(before=before, after=after, history=history, driver=driver, run_dir=run_dir.path)
 
 
 if __name__ == "__main__":

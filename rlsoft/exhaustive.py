@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import optax
 
 from rlsoft import weighting
+from rlsoft.rollout import categorical
 
 MIXINGS: tuple[str, ...] = ("pi", "uniform")
 
@@ -176,9 +177,8 @@ def exhaustive_loss(params, contexts, rewards, logits_fn: LogitsFn, scheme: str,
 def sample_actions(key, logits: jax.Array, group_size: int) -> jax.Array:
     """G actions per context, c ~ softmax(logits[b]): logits [B,V] -> int32 [B,G] (no gradient)."""
     chex.assert_rank(logits, 2)
-    keys = jax.random.split(key, logits.shape[0])
-    draw = lambda k, z: jax.random.categorical(k, z, shape=(group_size,))
-    return jax.vmap(draw)(keys, jax.lax.stop_gradient(logits)).astype(jnp.int32)
+    z = jnp.repeat(jax.lax.stop_gradient(logits), group_size, axis=0)  # row b*G + g: draw g of context b
+    return categorical(key, z).reshape(logits.shape[0], group_size)
 
 
 def table_reward_fn(all_rewards: jax.Array) -> RewardFn:

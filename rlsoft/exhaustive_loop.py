@@ -23,14 +23,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import chex
+import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlsoft import exhaustive, monitors, weighting
+from rlsoft import exhaustive, monitors, optim, roles, weighting
+from rlsoft.roles import TrainState
+from rlsoft.rollout import categorical
 from rlsoft.config import check
 
 MODES = ("exhaustive", "sampled")
@@ -43,12 +46,14 @@ class ExhaustiveConfig:
     mode: str = "exhaustive"
     mixing: str = "uniform"
     group_size: int = 8  # sampled mode only
-    learning_rate: float = 1e-3
-    grad_clip: float = 1.0
+    policy: optim.OptimizerConfig = optim.OptimizerConfig(name="adam", learning_rate=1e-3)
     clip_eps: float = 0.2
     lag_every: int = 4
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {"learning_rate": "policy.learning_rate", "grad_clip": "policy.grad_clip",
+                                              "optimizer": "policy.name"}
 
     def __post_init__(self):
         weighting.validate_scheme(self.scheme)
@@ -56,40 +61,31 @@ class ExhaustiveConfig:
         check(self.mode in MODES, f"mode={self.mode!r} is unknown; allowed: {', '.join(MODES)}")
         exhaustive.validate_mixing(self.mixing)
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")
-        check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
-              f"learning_rate={self.learning_rate} is invalid; need a finite value > 0")
-        check(self.grad_clip > 0, f"grad_clip={self.grad_clip} is invalid; need > 0")
         check(0 <= self.clip_eps < 1, f"clip_eps={self.clip_eps} is invalid; need 0 <= clip_eps < 1")
         check(self.lag_every >= 1, f"lag_every={self.lag_every} is invalid; need >= 1")
-        check(self.entropy_coef >= 0, f"entropy_coef={self.entropy_coef} is invalid; need >= 0")
-        check(self.kl_coef >= 0, f"kl_coef={self.kl_coef} is invalid; need >= 0")
+        for name in ("entropy_coef", "kl_coef"):
+            value = getattr(self, name)
+            check(value >= 0 and math.isfinite(value), f"{name}={value} is invalid; need a finite value >= 0")
 
 
-class State(NamedTuple):
-    params: Any
-    lag_params: Any
-    opt_state: optax.OptState
-    monitor: monitors.MonitorState
-    step: jax.Array
+class NextTokenFns(NamedTuple):
+    """The model and the task as pure jnp functions. `reward_fn` is a device reward: it scores
+    every candidate next token of every context on the accelerator, inside the compiled step."""
 
-
-class Task(NamedTuple):
-    logits_fn: Callable[[Any, jax.Array], jax.Array]
-    batch_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-    reward_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-    ref_log_probs_fn: Optional[Callable[[jax.Array], jax.Array]] = None
+    logits_fn: Callable[[Any, jax.Array], jax.Array]  # (params, contexts [B,C]) -> [B,V]
+    batch_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]]  # key -> (contexts [B,C], targets [B])
+    reward_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (contexts, targets, probs) -> [B,V]
+    ref_log_probs_fn: Optional[Callable[[jax.Array], jax.Array]] = None  # contexts -> [B,V]
 
 
 def make_optimizer(cfg: ExhaustiveConfig) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.learning_rate))
+    return optim.make_optimizer(cfg.policy)
 
 
-def init_state(params: Any, cfg: ExhaustiveConfig, monitor_cfg: monitors.MonitorConfig) -> State:
-    state = State(params, params, make_optimizer(cfg).init(params), monitors.init(monitor_cfg),
-                  jnp.zeros((), jnp.int32))
-    # Every leaf its own buffer: the compiled chunk donates the state, and a buffer shared by two
-    # leaves (lag = params, zeros reused by an init) cannot be donated twice.
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+def init_state(params: Any, cfg: ExhaustiveConfig, monitor_cfg: monitors.MonitorConfig) -> TrainState:
+    """Roles: `policy` (trained) and `lagged` (the trust region's policy, refreshed every lag_every)."""
+    return TrainState.create({"policy": roles.trainable(params, make_optimizer(cfg)), "lagged": roles.frozen(params)},
+                             extra=monitors.init(monitor_cfg))
 
 
 def clipped_objective(logits: chex.Array, lag_logits: chex.Array, weights: chex.Array, mixing: str,
@@ -108,7 +104,7 @@ def clipped_objective(logits: chex.Array, lag_logits: chex.Array, weights: chex.
     return -jnp.sum(q * surrogate)
 
 
-def _loss(params, lag_params, contexts, targets, key, task: Task, cfg: ExhaustiveConfig):
+def _loss(params, lag_params, contexts, targets, key, task: NextTokenFns, cfg: ExhaustiveConfig):
     logits = task.logits_fn(params, contexts)
     probs = jax.lax.stop_gradient(jax.nn.softmax(logits))
     rewards = task.reward_fn(contexts, targets, probs)
@@ -140,36 +136,37 @@ def _loss(params, lag_params, contexts, targets, key, task: Task, cfg: Exhaustiv
     return loss, (metrics, logits)
 
 
-def train_step(state: State, key: jax.Array, *, task: Task, cfg: ExhaustiveConfig,
-               monitor_cfg: monitors.MonitorConfig) -> tuple[State, dict]:
-    """One pure step: (state, key) -> (state, metrics). Keys: fold_in(stream, step) by the caller."""
-    batch_key, sample_key = jax.random.split(key)
-    contexts, targets = task.batch_fn(batch_key)
+def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array, *, task: NextTokenFns,
+               cfg: ExhaustiveConfig, monitor_cfg: monitors.MonitorConfig) -> tuple[TrainState, dict]:
+    """One pure step: (state, (contexts, targets), key) -> (state, metrics); `key` draws the sampled
+    mode's actions."""
+    contexts, targets = batch
+    policy = state.roles["policy"]
     (loss, (metrics, logits)), grads = jax.value_and_grad(_loss, has_aux=True)(
-        state.params, state.lag_params, contexts, targets, sample_key, task, cfg)
-    updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
+        policy.params, state.params("lagged"), contexts, targets, key, task, cfg)
+    policy = roles.apply_updates(policy, grads, make_optimizer(cfg))
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    params = keep(optax.apply_updates(state.params, updates), state.params)
-    opt_state = keep(opt_state, state.opt_state)
     step = state.step + 1
     refresh = step % cfg.lag_every == 0
-    lag = jax.tree.map(lambda p, l: jnp.where(refresh, p, l), params, state.lag_params)
+    lag = jax.tree.map(lambda p, l: jnp.where(refresh, p, l), policy.params, state.params("lagged"))
     health = monitors.step_metrics(jax.lax.stop_gradient(logits), targets, grad_norm)
-    monitor = monitors.update(state.monitor, health)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32),
-                   confidence=health["confidence"], accuracy=health["accuracy"])
-    return State(params, lag, opt_state, monitor, step), metrics
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, confidence=health["confidence"],
+                   accuracy=health["accuracy"],
+                   skipped_updates=optim.skipped_updates(policy.opt_state).astype(jnp.float32))
+    metrics = {f"train/{k}": v for k, v in metrics.items()}
+    return TrainState(step, {"policy": policy, "lagged": roles.Role(lag)},
+                      monitors.update(state.extra, health)), metrics
 
 
-def make_train_chunk(task: Task, cfg: ExhaustiveConfig, monitor_cfg: monitors.MonitorConfig, chunk: int):
-    """`chunk` steps as one jitted `lax.scan`: (state, stream_key) -> (state, metrics [chunk])."""
+def make_train_chunk(task: NextTokenFns, cfg: ExhaustiveConfig, monitor_cfg: monitors.MonitorConfig, chunk: int):
+    """`chunk` steps as one jitted `lax.scan`: (state, data_key, explore_key) -> (state, metrics [chunk]).
+    Step t draws its batch with fold_in(data_key, t) and explores with fold_in(explore_key, t)."""
     step = functools.partial(train_step, task=task, cfg=cfg, monitor_cfg=monitor_cfg)
 
-    def run(state: State, stream_key: jax.Array):
+    def run(state: TrainState, data_key: jax.Array, explore_key: jax.Array):
         def body(s, _):
-            return step(s, jax.random.fold_in(stream_key, s.step))
+            batch = task.batch_fn(jax.random.fold_in(data_key, s.step))
+            return step(s, batch, jax.random.fold_in(explore_key, s.step))
 
         return jax.lax.scan(body, state, None, length=chunk)
 
@@ -196,10 +193,65 @@ def make_text_sampler(logits_fn, context: int, length: int, temperature: float =
     def sample(params, prompt, key):
         def body(window, k):
             logits = logits_fn(params, window[None])[0]
-            nxt = jax.random.categorical(k, logits / temperature).astype(window.dtype)
+            nxt = categorical(k, logits[None] / temperature)[0].astype(window.dtype)
             return jnp.concatenate([window[1:], nxt[None]]), nxt
 
         _, out = jax.lax.scan(body, prompt[-context:], jax.random.split(key, length))
         return out
 
     return sample
+
+
+class NextTokenTestbed:
+    """A `rlsoft.driver.Testbed`: `cfg.chunk` compiled steps per call, eval on held-out windows.
+
+`cfg` is an ExhaustiveConfig with `batch_size`, `chunk`, `eval_chars` and `eval_batch` fields.
+
+    `eval_windows(limit) -> iterable of (contexts [b,C], targets [b])` (numpy) comes from the task;
+    the testbed pads the last batch to one compiled shape.
+    """
+
+    streams = ("data", "explore", "sample")
+    progress_keys = ("train/loss", "train/accuracy", "train/entropy", "eval/cross_entropy", "eval/perplexity")
+
+    def __init__(self, cfg, fns: NextTokenFns, params: Any, eval_windows: Callable, total_steps: int,
+                 monitor_cfg: monitors.MonitorConfig = monitors.MonitorConfig()):
+        self.cfg, self.fns, self.params, self.eval_windows = cfg, fns, params, eval_windows
+        self.total_steps, self.monitor_cfg = total_steps, monitor_cfg
+        self._chunks: dict[int, Callable] = {}  # one compiled scan per length (the chunk, a remainder)
+        self._evaluator = make_evaluator(fns.logits_fn)
+
+    def init_state(self) -> TrainState:
+        return init_state(self.params, self.cfg, self.monitor_cfg)
+
+    def steps_per_call(self) -> int:
+        return self.cfg.chunk
+
+    def data_position(self, step: int) -> int:
+        return step * self.cfg.batch_size
+
+    def train(self, state: TrainState, step: int, num_steps: int, keys) -> tuple[TrainState, dict]:
+        if num_steps not in self._chunks:
+            self._chunks[num_steps] = make_train_chunk(self.fns, self.cfg, self.monitor_cfg, num_steps)
+        state, metrics = self._chunks[num_steps](state, keys["data"], keys["explore"])
+        health = monitors.report(state.extra)
+        for w in monitors.warnings(health, self.monitor_cfg):
+            print(f"warning: step {step + num_steps}: {w}", flush=True)
+        metrics = dict(metrics)
+        metrics.update({f"health/{k}": v for k, v in health.items()})  # scalars: the last step's row
+        return state, metrics
+
+    def evaluate(self, state: TrainState, keys=None, limit: Optional[int] = None) -> dict[str, float]:
+        """Cross-entropy (nats/char), perplexity = exp(cross-entropy), and top-1 accuracy."""
+        b = self.cfg.eval_batch
+        nll = correct = count = 0.0
+        for contexts, targets in self.eval_windows(self.cfg.eval_chars if limit is None else limit):
+            n = len(targets)
+            valid = np.arange(b) < n
+            if n < b:  # pad to one compiled shape; padded rows are masked out
+                contexts = np.concatenate([contexts, contexts[:1].repeat(b - n, 0)])
+                targets = np.concatenate([targets, targets[:1].repeat(b - n, 0)])
+            s, c = self._evaluator(state.params("policy"), contexts, targets, valid)
+            nll, correct, count = nll + float(s), correct + float(c), count + n
+        ce = nll / max(count, 1)
+        return {"eval/cross_entropy": ce, "eval/perplexity": math.exp(min(ce, 700.0)), "eval/top1": correct / max(count, 1)}

@@ -19,15 +19,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Union
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlsoft import losses, weighting
+from rlsoft import losses, optim, roles, weighting
 from rlsoft.config import check
+from rlsoft.roles import TrainState
 from rlsoft.rollout import prompt_positions
 
 ForwardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -36,18 +37,14 @@ ResponseLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], j
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
-    """Everything the jitted update needs to know statically."""
+    """Everything the jitted update needs to know statically. The policy's optimizer is nested
+    (`--policy.learning_rate=...`); the flat names users already type are aliases of it."""
 
     scheme: str = "softmax"
     tau: Union[float, str] = 0.5  # a float (then scheduled by the loop) or "auto"
-    learning_rate: float = 1e-4  # the RL rate
-    warmup_steps: int = 10
+    policy: optim.OptimizerConfig = optim.OptimizerConfig(learning_rate=1e-4, warmup_steps=10)
     sft_steps: int = 0  # warm-start steps before RL (run by the loop)
-    sft_learning_rate: Optional[float] = None  # None: learning_rate
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
+    sft_learning_rate: Optional[float] = None  # None: policy.learning_rate
     micro_batches: int = 1
     ppo_epochs: int = 1
     aggregation: str = "token_mean"
@@ -56,38 +53,32 @@ class UpdateConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     sl_weight: float = 0.0
-    log_tau: float = 0.5  # the temperature of the softmax weights logged beside every scheme
+    diag_tau: float = 0.5  # the temperature of the softmax weights logged beside every scheme
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {
+        "learning_rate": "policy.learning_rate", "warmup_steps": "policy.warmup_steps",
+        "weight_decay": "policy.weight_decay", "grad_clip": "policy.grad_clip",
+        "adam_b1": "policy.b1", "adam_b2": "policy.b2", "optimizer": "policy.name",
+    }
 
     def __post_init__(self):
         weighting.validate_scheme(self.scheme)
         if self.scheme in weighting.NEEDS_TAU or isinstance(self.tau, str):
             weighting.validate_tau(self.tau, self.scheme)
-        check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
-              f"learning_rate={self.learning_rate} is invalid; need a finite value > 0")
-        check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} is invalid; need >= 0")
         check(self.sft_steps >= 0, f"sft_steps={self.sft_steps} is invalid; need >= 0")
         check(self.sft_learning_rate is None or (self.sft_learning_rate > 0 and math.isfinite(self.sft_learning_rate)),
               f"sft_learning_rate={self.sft_learning_rate} is invalid; need a finite value > 0")
-        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} is invalid; need >= 0")
-        check(self.grad_clip > 0, f"grad_clip={self.grad_clip} is invalid; need > 0")
         check(self.micro_batches >= 1, f"micro_batches={self.micro_batches} is invalid; need >= 1")
         check(self.ppo_epochs >= 1, f"ppo_epochs={self.ppo_epochs} is invalid; need >= 1")
-        check(self.sl_weight >= 0, f"sl_weight={self.sl_weight} is invalid; need >= 0")
-        weighting.validate_tau(self.log_tau)
+        check(self.sl_weight >= 0 and math.isfinite(self.sl_weight),
+              f"sl_weight={self.sl_weight} is invalid; need a finite value >= 0")
+        weighting.validate_tau(self.diag_tau)
         self.loss_config()  # validates the loss fields
 
     def loss_config(self) -> losses.PolicyLossConfig:
         return losses.PolicyLossConfig(
             aggregation=self.aggregation, clip_eps=self.clip_eps, kl_coef=self.kl_coef,
             kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef)
-
-
-class TrainState(NamedTuple):
-    params: Any
-    opt_state: optax.OptState
-    step: jax.Array  # int32 scalar: optimizer steps taken (skipped ones included)
-    skipped: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
-    ref_params: Any  # frozen reference for the KL term (None when kl_coef == 0)
 
 
 class Batch(NamedTuple):
@@ -105,37 +96,19 @@ class Batch(NamedTuple):
     sl_mask: jax.Array  # [S,N] bool (all False when there is no supervised term)
 
 
-def learning_rate_schedule(cfg: UpdateConfig) -> optax.Schedule:
-    """Warmup to the rate of each phase: sft_learning_rate for the warm start, then learning_rate.
-
-    Each phase starts with a linear warmup of `warmup_steps` (RL after SFT wants a fresh warmup:
-    its gradients have a different scale).
-    """
-    def phase(rate):
-        if cfg.warmup_steps == 0:
-            return optax.constant_schedule(rate)
-        return optax.join_schedules([optax.linear_schedule(0.0, rate, cfg.warmup_steps),
-                                     optax.constant_schedule(rate)], [cfg.warmup_steps])
-
-    if cfg.sft_steps == 0:
-        return phase(cfg.learning_rate)
-    sft_rate = cfg.learning_rate if cfg.sft_learning_rate is None else cfg.sft_learning_rate
-    return optax.join_schedules([phase(sft_rate), phase(cfg.learning_rate)], [cfg.sft_steps])
-
-
 def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW on `learning_rate_schedule`."""
-    schedule = learning_rate_schedule(cfg)
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay),
-    )
+    """The policy's chain (`rlsoft.optim`): a warm-start phase at `sft_learning_rate`, then RL at
+    `policy.learning_rate`, each with its own warmup (RL after SFT has gradients of another scale)."""
+    sft_rate = cfg.policy.learning_rate if cfg.sft_learning_rate is None else cfg.sft_learning_rate
+    return optim.make_optimizer(cfg.policy, phases=((cfg.sft_steps, sft_rate),))
 
 
 def init_state(params: Any, cfg: UpdateConfig) -> TrainState:
-    ref = jax.tree.map(jnp.copy, params) if cfg.kl_coef > 0 else None
-    return TrainState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32),
-                      jnp.zeros((), jnp.int32), ref)
+    """Roles: `policy` (trained), plus a frozen `reference` when the KL term needs one."""
+    named = {"policy": roles.trainable(params, make_optimizer(cfg))}
+    if cfg.kl_coef > 0:
+        named["reference"] = roles.frozen(params)
+    return TrainState.create(named)
 
 
 def response_logits_from_forward(forward: ForwardFn) -> ResponseLogitsFn:
@@ -189,12 +162,10 @@ def _loss_shares(mask: jax.Array, m: int, aggregation: str) -> jax.Array:
     return per / jnp.maximum(jnp.sum(per), 1.0)
 
 
-def _apply_accumulated(params, opt_state, tx, loss_fn, micro_xs):
+def _accumulated_grads(params, loss_fn, micro_xs):
     """Sum the gradients of `loss_fn(params, x) -> (loss, metrics)` over the micro-batches of
-    `micro_xs` (leading axis), apply them with `tx`, and skip the update if anything is not finite.
-
-    Each micro-batch's loss must already carry its share of the batch mean (`_loss_shares`).
-    """
+    `micro_xs` (leading axis). Each micro-batch's loss must already carry its share of the batch
+    mean (`_loss_shares`), so the sums are the full-batch loss, metrics and gradient."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     first = jax.tree.map(lambda x: x[0], micro_xs)
     (_, metric_shape), _ = jax.eval_shape(grad_fn, params, first)
@@ -205,19 +176,20 @@ def _apply_accumulated(params, opt_state, tx, loss_fn, micro_xs):
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, jnp.zeros(()), metric_shape))
     (grads, loss, metrics), _ = jax.lax.scan(accumulate, zeros, micro_xs)
-    grad_norm = optax.tree.norm(grads)
-    updates, new_opt = tx.update(grads, opt_state, params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
-    return keep(optax.apply_updates(params, updates), params), keep(new_opt, opt_state), metrics
+    return grads, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
 
-def _finish(state: TrainState, params, opt_state, per_epoch) -> tuple[TrainState, dict]:
-    skipped = jnp.sum(1.0 - per_epoch["finite"]).astype(jnp.int32)
+def _train_policy(state: TrainState, tx, loss_fn, xs, epochs: int) -> tuple[TrainState, dict]:
+    """`epochs` optimizer steps of the policy on the accumulated gradient; the last epoch's metrics."""
+
+    def epoch(policy, _):
+        grads, metrics = _accumulated_grads(policy.params, loss_fn, xs)
+        return roles.apply_updates(policy, grads, tx), metrics
+
+    policy, per_epoch = jax.lax.scan(epoch, state.roles["policy"], None, length=epochs)
     metrics = jax.tree.map(lambda v: v[-1], per_epoch)
-    metrics["skipped_updates"] = skipped.astype(jnp.float32)
-    return TrainState(params, opt_state, state.step + 1, state.skipped + skipped, state.ref_params), metrics
+    metrics["skipped_updates"] = optim.skipped_updates(policy.opt_state).astype(jnp.float32)
+    return state.replace_role("policy", policy)._replace(step=state.step + 1), metrics
 
 
 def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grouped: bool, cfg: UpdateConfig):
@@ -243,8 +215,9 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
     seq = prompts + (batch.responses, batch.response_mask)
     log_probs = functools.partial(response_log_probs, logits_fn)
     # None (an empty pytree) where a term does not need them: nothing extra goes through the scan.
-    old_logp = jax.lax.stop_gradient(log_probs(state.params, *seq)[0]) if cfg.ppo_epochs > 1 else None
-    ref_logp = jax.lax.stop_gradient(log_probs(state.ref_params, *seq)[0]) if cfg.kl_coef > 0 else None
+    policy_params = state.params("policy")
+    old_logp = jax.lax.stop_gradient(log_probs(policy_params, *seq)[0]) if cfg.ppo_epochs > 1 else None
+    ref_logp = jax.lax.stop_gradient(log_probs(state.params("reference"), *seq)[0]) if cfg.kl_coef > 0 else None
     use_sl = cfg.sl_weight > 0 and batch.sl_responses.shape[0] > 0
     sl = (batch.sl_prompts, batch.sl_prompt_mask, batch.sl_responses, batch.sl_mask)
     xs = {
@@ -272,18 +245,11 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
             metrics["sl_loss"] = sl_loss
         return loss, metrics
 
-    tx = make_optimizer(cfg)
-
-    def epoch(carry, _):
-        params, opt_state, metrics = _apply_accumulated(*carry, tx, loss_fn, xs)
-        return (params, opt_state), metrics
-
-    (params, opt_state), per_epoch = jax.lax.scan(epoch, (state.params, state.opt_state), None,
-                                                  length=cfg.ppo_epochs)
-    state, metrics = _finish(state, params, opt_state, per_epoch)
-    metrics.update(weight_metrics(batch.rewards, weights, cfg.log_tau))
-    metrics["tau"] = batch.tau
-    return state, metrics
+    state, metrics = _train_policy(state, make_optimizer(cfg), loss_fn, xs, cfg.ppo_epochs)
+    out = {f"train/{TRL_NAMES.get(k, k)}": v for k, v in metrics.items()}
+    out.update(weight_metrics(batch.rewards, weights, cfg.diag_tau))
+    out["train/tau"] = batch.tau
+    return state, out
 
 
 def sft_update(state: TrainState, prompts, prompt_mask, responses, response_mask, *, logits_fn: ResponseLogitsFn,
@@ -298,20 +264,24 @@ def sft_update(state: TrainState, prompts, prompt_mask, responses, response_mask
         loss = losses.sft_loss(logp, x["seq"][3], cfg.aggregation) * x["share"]
         return loss, {"sl_loss": loss}
 
-    params, opt_state, metrics = _apply_accumulated(state.params, state.opt_state, make_optimizer(cfg),
-                                                    loss_fn, xs)
-    return _finish(state, params, opt_state, jax.tree.map(lambda v: v[None], metrics))
+    state, metrics = _train_policy(state, make_optimizer(cfg), loss_fn, xs, 1)
+    return state, {f"sft/{k}": v for k, v in metrics.items() if k != "sl_loss"}
 
 
-def weight_metrics(rewards: jax.Array, weights: jax.Array, log_tau: float) -> dict[str, jax.Array]:
-    """The training scheme's weight stats plus linear and softmax weights side by side (seed 000)."""
-    out = {}
-    linear = weighting.compute_weights(rewards, "linear")
-    soft = weighting.compute_weights(rewards, "softmax", tau=log_tau)
-    for prefix, w in (("weights", weights), ("linear", linear), ("softmax", soft)):
-        stats = weighting.summarize_weight_stats(weighting.weight_stats(w, rewards))
-        out.update({f"{prefix}/{k}": v for k, v in stats.items()
-                    if k in weighting.WEIGHT_SHAPE_STATS or prefix == "weights"})
+# Where TRL logs the same quantity, its name (GRPOTrainer): a reader can compare runs directly.
+TRL_NAMES = {"clip_frac": "clip_ratio/region_mean"}
+
+
+def weight_metrics(rewards: jax.Array, weights: jax.Array, diag_tau: float) -> dict[str, jax.Array]:
+    """The training scheme's weight stats under `train/weights/`, and, for comparison, the shape of
+    the GRPO (linear) and softmax(tau=diag_tau) weights of the same groups under `diag/<scheme>/`."""
+    stats = weighting.summarize_weight_stats(weighting.weight_stats(weights, rewards))
+    out = {f"train/weights/{k}": v for k, v in stats.items()}
+    out["train/frac_reward_zero_std"] = stats["zero_std_frac"]
+    for name, w in (("linear", weighting.compute_weights(rewards, "linear")),
+                    (f"softmax_tau{diag_tau:g}", weighting.compute_weights(rewards, "softmax", tau=diag_tau))):
+        diag = weighting.summarize_weight_stats(weighting.weight_stats(w, rewards))
+        out.update({f"diag/{name}/{k}": v for k, v in diag.items() if k in weighting.WEIGHT_SHAPE_STATS})
     return out
 
 

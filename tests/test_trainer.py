@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlsoft import losses, trainer, weighting
+from rlsoft import losses, optim, trainer, weighting
 
 V, P, N, Q, G = 11, 3, 4, 4, 3
 
@@ -38,7 +38,11 @@ def _batch(seed=0, rewards=None):
                          np.ones((Q, N), bool))
 
 
-CFG = trainer.UpdateConfig(scheme="softmax", tau=0.5, learning_rate=1e-2, warmup_steps=0)
+CFG = trainer.UpdateConfig(scheme="softmax", tau=0.5, policy=optim.OptimizerConfig(learning_rate=1e-2))
+
+
+def _lr(cfg, rate, **more):
+    return dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, learning_rate=rate, **more))
 
 
 def _run(cfg, batch, steps=1):
@@ -57,19 +61,19 @@ def test_micro_batches_accumulate_exactly(aggregation, sl_weight):
     base = dataclasses.replace(CFG, aggregation=aggregation, sl_weight=sl_weight, clip_eps=0.2)
     one, m1 = _run(base, _batch())
     two, m2 = _run(dataclasses.replace(base, micro_batches=2), _batch())
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+    for a, b in zip(jax.tree.leaves(one.params("policy")), jax.tree.leaves(two.params("policy"))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m1["train/grad_norm"], m2["train/grad_norm"], rtol=1e-5)
 
 
 def test_ppo_epochs_reuse_the_rollout_policy_as_old():
-    cfg = dataclasses.replace(CFG, clip_eps=0.2, ppo_epochs=3, learning_rate=0.3)
+    cfg = _lr(dataclasses.replace(CFG, clip_eps=0.2, ppo_epochs=3), 0.3)
     _, metrics = _run(cfg, _batch())
     # Metrics are the last epoch's: by then the policy has moved away from the sampling policy.
-    assert abs(float(metrics["ratio_mean"]) - 1.0) > 1e-3
+    assert abs(float(metrics["train/ratio_mean"]) - 1.0) > 1e-3
     _, one = _run(dataclasses.replace(cfg, ppo_epochs=1), _batch())
-    np.testing.assert_allclose(one["ratio_mean"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(one["train/ratio_mean"], 1.0, rtol=1e-6)
 
 
 def test_loss_is_the_weighted_token_loss_of_the_batch():
@@ -81,7 +85,7 @@ def test_loss_is_the_weighted_token_loss_of_the_batch():
                                          batch.response_mask)
     w = weighting.compute_weights(batch.rewards, "softmax", tau=0.5).reshape(-1)
     expected = -np.sum(np.asarray(w)[:, None] * np.asarray(logp) * batch.response_mask) / batch.response_mask.sum()
-    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["train/loss"], expected, rtol=1e-5)
 
 
 def test_sequence_log_probs_align_with_the_response():
@@ -101,56 +105,56 @@ def test_sequence_log_probs_align_with_the_response():
 
 
 def test_non_finite_step_is_skipped_and_counted():
-    rewards = np.zeros((Q, G), np.float32)
-    rewards[0, 0] = np.nan
+    # A NaN temperature makes every softmax weight NaN, hence the loss and the gradient.
     state0 = trainer.init_state(_params(), CFG)
-    before = jax.tree.map(np.asarray, state0.params)
+    before = jax.tree.map(np.asarray, state0.params("policy"))
     update, _ = trainer.make_update(forward, CFG)
-    state, metrics = update(state0, _batch(rewards=rewards))
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    state, metrics = update(state0, _batch()._replace(tau=np.float32(np.nan)))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params("policy"))):
         np.testing.assert_array_equal(a, b)
-    assert int(state.skipped) == 1 and int(state.step) == 1 and metrics["skipped_updates"] == 1.0
-    state, _ = update(state, _batch())  # a finite batch afterwards is applied
-    assert int(state.skipped) == 1
-    assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(before)[0])
+    assert int(state.step) == 1 and metrics["train/skipped_updates"] == 1.0
+    state, metrics = update(state, _batch())  # a finite batch afterwards is applied
+    assert metrics["train/skipped_updates"] == 1.0
+    assert not np.allclose(jax.tree.leaves(state.params("policy"))[0], jax.tree.leaves(before)[0])
 
 
 def test_linear_and_softmax_weights_are_logged_side_by_side():
     _, metrics = _run(dataclasses.replace(CFG, scheme="rank"), _batch())
-    for prefix in ("weights", "linear", "softmax"):
+    for prefix in ("train/weights", "diag/linear", "diag/softmax_tau0.5"):
         for stat in ("max_weight", "entropy", "effective_n", "weight_on_best"):
             assert f"{prefix}/{stat}" in metrics
     rewards = _batch().rewards
     lin = weighting.summarize_weight_stats(weighting.weight_stats(weighting.compute_weights(rewards, "linear"),
                                                                   rewards))
-    np.testing.assert_allclose(metrics["linear/max_weight"], lin["max_weight"], rtol=1e-6)
-    np.testing.assert_allclose(metrics["tau"], 0.5)
+    np.testing.assert_allclose(metrics["diag/linear/max_weight"], lin["max_weight"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["train/tau"], 0.5)
 
 
-def test_sft_update_lowers_the_supervised_loss_and_does_not_recompile():
-    cfg = dataclasses.replace(CFG, learning_rate=5e-2)
+def test_sft_update_lowers_the_supervised_loss_and_does_not_recompile(count_compiles):
+    cfg = _lr(CFG, 5e-2)
     _, sft = trainer.make_update(forward, cfg)
     state = trainer.init_state(_params(), cfg)
     b = _batch()
     args = (b.sl_prompts, b.sl_prompt_mask, b.sl_responses, b.sl_mask)
-    first = None
-    for _ in range(20):
-        state, metrics = sft(state, *args)
-        first = metrics["sl_loss"] if first is None else first
-    assert metrics["sl_loss"] < 0.7 * first
-    assert sft._cache_size() == 1
+    state, metrics = sft(state, *args)
+    first = metrics["sft/loss"]
+    with count_compiles() as compiled:
+        for _ in range(19):
+            state, metrics = sft(state, *args)
+    assert metrics["sft/loss"] < 0.7 * first
+    assert compiled == []
 
 
 def test_kl_reference_is_frozen():
     cfg = dataclasses.replace(CFG, kl_coef=0.1)
     state, metrics = _run(cfg, _batch(), steps=3)
     ref = _params()
-    for a, b in zip(jax.tree.leaves(state.ref_params), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(state.params("reference")), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b)
-    assert metrics["kl"] > 0
+    assert metrics["train/kl"] > 0
 
 
-@pytest.mark.parametrize("field,value", [("scheme", "nope"), ("learning_rate", 0.0), ("micro_batches", 0),
+@pytest.mark.parametrize("field,value", [("scheme", "nope"), ("sft_learning_rate", 0.0), ("micro_batches", 0),
                                          ("aggregation", "sum"), ("tau", -1.0), ("clip_eps", 2.0)])
 def test_invalid_update_config(field, value):
     with pytest.raises(ValueError, match=field):
@@ -168,12 +172,12 @@ def test_losses_module_matches_trainer_sequence_log_probs():
 
 
 def test_learning_rate_schedule_has_a_warm_start_phase_then_the_rl_phase():
-    cfg = dataclasses.replace(CFG, learning_rate=1e-3, sft_learning_rate=1e-2, sft_steps=10, warmup_steps=4)
-    lr = trainer.learning_rate_schedule(cfg)
+    cfg = _lr(dataclasses.replace(CFG, sft_learning_rate=1e-2, sft_steps=10), 1e-3, warmup_steps=4)
+    lr = optim.learning_rate_schedule(cfg.policy, phases=((cfg.sft_steps, cfg.sft_learning_rate),))
     np.testing.assert_allclose([float(lr(s)) for s in (0, 2, 4, 9)], [0.0, 5e-3, 1e-2, 1e-2], rtol=1e-6)
     np.testing.assert_allclose([float(lr(s)) for s in (10, 12, 14, 100)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
-    flat = trainer.learning_rate_schedule(dataclasses.replace(CFG, learning_rate=2e-3, warmup_steps=0))
-    assert float(flat(0)) == float(flat(1000)) == pytest.approx(2e-3)
+    flat = optim.learning_rate_schedule(_lr(CFG, 2e-3).policy)
+    assert float(flat) == pytest.approx(2e-3)
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
@@ -186,15 +190,15 @@ def test_group_shared_prompt_path_equals_the_per_row_path(micro_batches):
     per_row, m1 = _run(cfg, batch)
     rl, _ = trainer.make_update(forward, cfg, response_logits=trainer.response_logits_from_forward(forward))
     shared, m2 = rl(trainer.init_state(_params(), cfg), batch)
-    for a, b in zip(jax.tree.leaves(per_row.params), jax.tree.leaves(shared.params)):
+    for a, b in zip(jax.tree.leaves(per_row.params("policy")), jax.tree.leaves(shared.params("policy"))):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-6)
 
 
 def test_one_epoch_update_is_adamw_on_the_weighted_log_likelihood_gradient():
     # ppo_epochs == 1 reuses the loss's own forward as the old policy (ratio exactly 1): the step
     # must be AdamW (clip 1.0) on the gradient of -sum_i w_i sum_t logp_it / (response tokens).
-    cfg = dataclasses.replace(CFG, clip_eps=0.2, learning_rate=1e-2)
+    cfg = _lr(dataclasses.replace(CFG, clip_eps=0.2), 1e-2)
     batch = _batch()
     state, metrics = _run(cfg, batch)
     w = weighting.compute_weights(batch.rewards, "softmax", tau=0.5).reshape(-1)
@@ -210,10 +214,10 @@ def test_one_epoch_update_is_adamw_on_the_weighted_log_likelihood_gradient():
     tx = trainer.make_optimizer(cfg)
     updates, _ = tx.update(grads, tx.init(params), params)
     want = jax.tree.map(lambda p, u: p + u, params, updates)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(state.params("policy")), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(metrics["ratio_mean"], 1.0, rtol=1e-6)
-    assert metrics["clip_frac"] == 0.0
+    np.testing.assert_allclose(metrics["train/ratio_mean"], 1.0, rtol=1e-6)
+    assert metrics["train/clip_ratio/region_mean"] == 0.0
 
 
 def test_policy_entropy_is_logged_without_an_entropy_bonus():
@@ -222,4 +226,4 @@ def test_policy_entropy_is_logged_without_an_entropy_bonus():
     _, ent = trainer.sequence_log_probs(forward, _params(), batch.prompts, batch.prompt_mask, batch.responses,
                                         batch.response_mask)
     want = np.sum(np.asarray(ent) * batch.response_mask) / batch.response_mask.sum()
-    np.testing.assert_allclose(metrics["entropy"], want, rtol=1e-5)
+    np.testing.assert_allclose(metrics["train/entropy"], want, rtol=1e-5)

@@ -1,0 +1,379 @@
+"""The one driver of every testbed: step counter, data position, eval, logs, checkpoints, resume.
+
+A testbed (Countdown, char, thinking tokens, ...) is a `Testbed`: it builds the initial training
+state and advances it with its jitted step `(state, batch, key) -> (state, metrics)`; a compiled
+testbed may scan several steps in one call. The driver owns everything around that, the same for
+every testbed:
+
+  * the step counter; the data position is a pure function of the step (the testbed's
+    `data_position(step)`), so resuming at step t reads exactly the data an uninterrupted run reads;
+  * PRNG streams: one root key per seed, split once into the testbed's named `streams`; each step
+    uses `fold_in(stream, step)`;
+  * eval every `eval_every` steps and at the end; logging every `log_every` steps to TensorBoard
+    (non-finite values are logged as NaN and counted, never dropped); a progress bar with the
+    metrics the testbed names;
+  * checkpoints every `checkpoint_every` steps (orbax, atomic; `rlsoft.checkpoint`) holding the
+    state and, as metadata, the step, the data position and the full config;
+  * run directories: each run writes under `<logdir>/<run name>`, named from the experiment,
+    scheme, tau, seed and a time stamp (or `--run_name`), so two runs never overlay curves or
+    replace checkpoints. `--resume` continues the newest run there (or the named one), refuses a
+    changed config field unless `--resume_override=field,...` names it, and purges any logged
+    step past the checkpoint (tensorboardX's `purge_step`), so no step is logged twice;
+  * a clean stop on SIGINT / SIGTERM: the step in flight finishes, a checkpoint is written, and
+    `run` returns with `stopped` set.
+
+`prepare_run` does every check that can fail on bad input (a directory that cannot be written,
+a changed config, nothing to resume) before the experiment builds or compiles anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from rlsoft.config import check, config_diff, config_to_dict
+
+# Fields that steer a run rather than define it: they may change on resume without an override.
+RUN_CONTROL = ("logdir", "run_name", "resume", "resume_override", "progress")
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The driver's fields, shared by every experiment config (flat flags: --logdir, --resume, ...)."""
+
+    seed: int = 0
+    eval_every: int = 10  # 0: only at the end
+    log_every: int = 1
+    checkpoint_every: int = 10  # 0: never (a stop signal still writes one)
+    logdir: str = ""
+    run_name: str = ""
+    resume: bool = False
+    resume_override: tuple[str, ...] = ()
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("eval_every", "log_every", "checkpoint_every"):
+            check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} is invalid; need >= 0")
+        check(not self.run_name or (os.sep not in self.run_name and self.run_name not in (".", "..")),
+              f"run_name={self.run_name!r} is invalid; need a plain directory name")
+        check(not (self.resume or self.run_name or self.resume_override) or self.logdir,
+              "resume, run_name and resume_override need --logdir")
+
+
+class Testbed(Protocol):
+    """What the driver needs from a testbed (built by an experiment from models/ and envs/)."""
+
+    total_steps: int
+    streams: tuple[str, ...]  # named PRNG streams, e.g. ("data", "rollout", "eval")
+    progress_keys: tuple[str, ...]  # metrics shown on the progress bar
+
+    def init_state(self) -> Any:
+        """The state at step 0 (a pytree; also the restore target)."""
+
+    def train(self, state: Any, step: int, num_steps: int, keys: Mapping[str, jax.Array]) -> tuple[Any, dict]:
+        """Advance `num_steps` steps from `step`. Metrics: {name: scalar} for one step, or
+        {name: [num_steps]} for several. Optional "text/<tag>" entries are logged as text."""
+
+    def steps_per_call(self) -> int:
+        """The most steps one `train` call may take (1, or a compiled testbed's scan length)."""
+
+    def evaluate(self, state: Any, keys: Mapping[str, jax.Array]) -> dict:
+        """Held-out metrics, named "eval/..."."""
+
+    def data_position(self, step: int) -> int:
+        """How many training examples steps 0 .. step-1 consumed."""
+
+
+@dataclasses.dataclass
+class RunDir:
+    """Where a run writes (empty `path`: nowhere), and what a resume starts from."""
+
+    path: str = ""
+    resume_step: Optional[int] = None
+    overridden: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.path, CHECKPOINTS) if self.path else ""
+
+
+class RunError(ValueError):
+    """A run directory, resume or override problem (one line; the experiment exits 2)."""
+
+
+def default_run_name(cfg: Any, experiment: str) -> str:
+    """`<experiment>-<scheme>-tau<tau>-seed<seed>-<YYYYmmdd-HHMMSS>` from the fields `cfg` has."""
+    parts = [experiment]
+    for field, fmt in (("scheme", "{}"), ("tau", "tau{}"), ("seed", "seed{}")):
+        if hasattr(cfg, field):
+            parts.append(fmt.format(getattr(cfg, field)))
+    parts.append(time.strftime("%Y%m%d-%H%M%S"))
+    return "-".join(str(p).replace(os.sep, "_") for p in parts)
+
+
+def _writable(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"logdir={path} is not writable: {e.strerror or e}") from None
+
+
+def _newest_run(logdir: str) -> Optional[str]:
+    """The run directory in `logdir` whose newest checkpoint or event file was written last."""
+    best, best_time = None, -math.inf
+    for name in os.listdir(logdir):
+        path = os.path.join(logdir, name)
+        if not os.path.isdir(path):
+            continue
+        stamps = [os.path.getmtime(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files]
+        if stamps and max(stamps) > best_time:
+            best, best_time = name, max(stamps)
+    return best
+
+
+def prepare_run(cfg: Any, experiment: str) -> RunDir:
+    """Pick and check the run directory of `cfg` (a config with `RunConfig`'s fields). Raises RunError.
+
+    Nothing is built or compiled here: this runs right after flag parsing.
+    """
+    if not cfg.logdir:
+        return RunDir()
+    _writable(cfg.logdir)
+    if cfg.resume:
+        name = cfg.run_name or _newest_run(cfg.logdir)
+        if name is None or not os.path.isdir(os.path.join(cfg.logdir, name)):
+            where = f"run_name={cfg.run_name}" if cfg.run_name else f"logdir={cfg.logdir}"
+            raise RunError(f"resume is invalid; {where} has no run to resume")
+        run = RunDir(os.path.join(cfg.logdir, name))
+        _check_resume(run, cfg)
+        _writable(run.path)
+        return run
+    name = cfg.run_name or default_run_name(cfg, experiment)
+    path = os.path.join(cfg.logdir, name)
+    if cfg.run_name and os.path.exists(path):
+        raise RunError(f"run_name={name} already exists in {cfg.logdir}; pass --resume to continue it "
+                       f"or choose another --run_name")
+    suffix = 1
+    while os.path.exists(path):  # two runs started in the same second
+        path = os.path.join(cfg.logdir, f"{name}-{suffix}")
+        suffix += 1
+    _writable(path)
+    return RunDir(path)
+
+
+def _check_resume(run: RunDir, cfg: Any) -> None:
+    """Read the newest checkpoint's metadata and refuse config fields that changed without override."""
+    from rlsoft.checkpoint import Checkpointer
+
+    if not os.path.isdir(run.checkpoints):
+        return  # the run was stopped before its first checkpoint: it starts afresh
+    with Checkpointer(run.checkpoints, read_only=True) as ckpt:
+        try:
+            meta = ckpt.read_metadata()
+        except (RuntimeError, ValueError, OSError) as e:
+            raise RunError(f"resume is invalid; {str(e).splitlines()[0]}") from None
+    if meta is None:
+        return
+    saved = meta.get("config", {})
+    diff = {k: v for k, v in config_diff(saved, config_to_dict(cfg)).items()
+            if k.split(".")[0] not in RUN_CONTROL}
+    allowed = set(cfg.resume_override)
+    unknown = sorted(allowed - set(config_diff(saved, config_to_dict(cfg))) - _all_fields(saved))
+    if unknown:
+        raise RunError(f"resume_override={','.join(unknown)} is invalid; no such config field")
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        k = refused[0]
+        more = f" (and {len(refused) - 1} more: {', '.join(refused[1:4])})" if len(refused) > 1 else ""
+        raise RunError(f"resume is refused; {k} differs from the checkpoint ({diff[k][0]!r} -> {diff[k][1]!r})"
+                       f"{more}; pass --resume_override={','.join(refused)} to accept")
+    run.resume_step = meta.get("step")
+    run.overridden = diff
+
+
+def _all_fields(saved: Mapping, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in saved.items():
+        name = f"{prefix}{k}"
+        out.add(name)
+        if isinstance(v, Mapping):
+            out |= _all_fields(v, name + ".")
+    return out
+
+
+@dataclasses.dataclass
+class RunResult:
+    history: list[dict]
+    stopped: Optional[int] = None  # the signal number that stopped the run early, if any
+
+
+class Driver:
+    """Runs a `Testbed` under `cfg` (RunConfig fields) in `run_dir` (from `prepare_run`)."""
+
+    def __init__(self, testbed: Testbed, cfg: Any, run_dir: RunDir, state: Any = None):
+        self.testbed, self.cfg, self.run_dir = testbed, cfg, run_dir
+        root = jax.random.PRNGKey(cfg.seed)
+        self.keys = dict(zip(testbed.streams, jax.random.split(root, len(testbed.streams))))
+        self.state = testbed.init_state() if state is None else state
+        self.step = 0
+        self.checkpointer = self.logger = None
+        self.nonfinite_logged = 0
+        self.stopped: Optional[int] = None  # the signal that stopped the run, if one did
+        if run_dir.path:
+            from rlsoft.checkpoint import Checkpointer
+
+            self.checkpointer = Checkpointer(run_dir.checkpoints)
+            if cfg.resume:
+                self._restore()
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.checkpointer is None:
+            return
+        meta = {"step": self.step, "data_position": int(self.testbed.data_position(self.step)),
+                "config": config_to_dict(self.cfg)}
+        self.checkpointer.save(self.step, self.state, meta, force=True)
+
+    def _restore(self) -> None:
+        try:
+            restored = self.checkpointer.restore(target=self.state)
+        except (RuntimeError, ValueError) as e:
+            raise RunError(f"resume is invalid; {str(e).splitlines()[0]}") from None
+        if restored is None:
+            print(f"resume: no checkpoint in {self.run_dir.path} yet; starting at step 0", file=sys.stderr)
+            return
+        self.state, meta = restored
+        self.step = int(meta["step"])
+        for k, (old, new) in self.run_dir.overridden.items():
+            print(f"resume: {k} overridden ({old!r} -> {new!r})", file=sys.stderr)
+        print(f"resumed {self.run_dir.path} at step {self.step}", file=sys.stderr)
+
+    # ---- logging ----------------------------------------------------------------------------
+    def _open_logger(self):
+        if self.logger is None and self.run_dir.path:
+            from rlsoft.logger import TensorBoardLogger
+
+            # purge_step drops events a killed run logged after its last checkpoint.
+            self.logger = TensorBoardLogger(self.run_dir.path, purge_step=self.step if self.cfg.resume else None)
+        return self.logger
+
+    def _log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in metrics.items() if not k.startswith("text/")}
+        self.nonfinite_logged += sum(not math.isfinite(v) for v in scalars.values())
+        logger = self._open_logger()
+        has_eval = any(k.startswith("eval/") for k in scalars)
+        if logger is None or (self.cfg.log_every and step % self.cfg.log_every and not has_eval):
+            return
+        logger.scalars(step, scalars)
+        for k, text in metrics.items():
+            if k.startswith("text/"):
+                logger.text(step, k[len("text/"):], text)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        return {k: float(v) for k, v in self.testbed.evaluate(self.state, self.keys).items()}
+
+    def _due(self, every: int, start: int, end: int) -> bool:
+        return bool(every) and (end // every) > (start // every)
+
+    def run(self, until: Optional[int] = None) -> RunResult:
+        """Train to step `until` (default: the testbed's total); returns each step's metrics."""
+        total = self.testbed.total_steps
+        end = total if until is None else min(until, total)
+        history: list[dict] = []
+        bar = _progress(total, self.step, self.cfg.progress, self.testbed.progress_keys)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.step < end and self.stopped is None:
+                start = self.step
+                n = min(self.testbed.steps_per_call(), end - start,
+                        *(_to_boundary(start, e) for e in (self.cfg.eval_every, self.cfg.checkpoint_every) if e))
+                self.state, metrics = self.testbed.train(self.state, start, n, self.keys)
+                self.step = start + n
+                rows = _per_step(jax.device_get(metrics), start, n)
+                if self._due(self.cfg.eval_every, start, self.step) or self.step == total:
+                    rows[-1].update(self.evaluate())
+                for row in rows:
+                    self._log(row["step"], row)
+                    history.append(row)
+                    bar(row)
+                if self._due(self.cfg.checkpoint_every, start, self.step) or self.step == total:
+                    self.save()
+            if self.stopped is not None:
+                self.save()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            bar(None)
+            if self.logger is not None:
+                self.logger.flush()
+        return RunResult(history, self.stopped)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stopped is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stopped = signum
+        print(f"\nsignal {signal.Signals(signum).name}: stopping after this step and writing a checkpoint",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.nonfinite_logged:
+            print(f"warning: {self.nonfinite_logged} non-finite metric values were logged (as NaN)",
+                  file=sys.stderr)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self.logger is not None:
+            self.logger.close()
+
+
+def _to_boundary(step: int, every: int) -> int:
+    return every - step % every
+
+
+def _per_step(metrics: Mapping[str, Any], start: int, n: int) -> list[dict]:
+    """{name: [n] or scalar} -> one row per step, each with "step" (the step index, 0-based).
+
+    A scalar of a multi-step call (a summary such as health monitors) belongs to its last step."""
+    rows = [{"step": start + i} for i in range(n)]
+    for k, v in metrics.items():
+        if isinstance(v, str):
+            rows[-1][k] = v
+            continue
+        v = np.asarray(v, np.float64)
+        if v.ndim and v.shape[0] == n:
+            for row, x in zip(rows, v):
+                row[k] = float(x)
+        else:
+            rows[-1][k] = float(v)
+    return rows
+
+
+def _progress(total: int, start: int, enabled: bool, keys: Sequence[str]) -> Callable[[Optional[dict]], None]:
+    """A tqdm bar on stderr with the testbed's metrics; called with None to close."""
+    if not enabled:
+        return lambda row: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, file=sys.stderr, dynamic_ncols=True)
+
+    def update(row: Optional[dict]) -> None:
+        if row is None:
+            bar.close()
+            return
+        shown = {k.split("/")[-1]: f"{row[k]:.3f}" for k in keys if k in row and math.isfinite(row[k])}
+        bar.set_postfix(shown)
+        bar.update(1)
+
+    return update

@@ -1,0 +1,73 @@
+"""Named roles: the training state of every testbed is a step counter plus a dict of roles.
+
+A role is a set of parameters with its own optimizer state (`policy`, `thinker`, `answerer`) or
+a frozen one without (`reference` for a KL term, `lagged` for a PPO-style trust region).
+Single-policy testbeds use `policy`, plus `reference` or `lagged` when a term needs them; the
+thinking-token testbed uses `thinker` and `answerer`, each trained by its own optax chain from
+`rlsoft.optim.make_optimizer`.
+
+    state = TrainState.create({"policy": trainable(params, tx)}, extra=monitor_state)
+    params = state.params("policy")
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlsoft import optim
+
+
+class Role(NamedTuple):
+    params: Any
+    opt_state: Optional[optax.OptState] = None  # None: a frozen role
+
+    @property
+    def trainable(self) -> bool:
+        return self.opt_state is not None
+
+
+def _own_buffers(tree: Any) -> Any:
+    # Every leaf its own buffer: steps donate the state, and a buffer shared by two leaves
+    # (a reference = the policy, zeros reused by an optimizer init) cannot be donated twice.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def trainable(params: Any, tx: optax.GradientTransformation) -> Role:
+    return Role(_own_buffers(params), _own_buffers(tx.init(params)))
+
+
+def frozen(params: Any) -> Role:
+    return Role(_own_buffers(params), None)
+
+
+class TrainState(NamedTuple):
+    """`step`: updates taken (int32 scalar); `roles`: name -> Role; `extra`: testbed-owned state
+    (e.g. health monitors), any pytree."""
+
+    step: jax.Array
+    roles: dict[str, Role]
+    extra: Any = None
+
+    @classmethod
+    def create(cls, roles: Mapping[str, Role], extra: Any = None) -> "TrainState":
+        return _own_buffers(cls(jnp.zeros((), jnp.int32), dict(roles), extra))
+
+    def params(self, name: str) -> Any:
+        return self.roles[name].params
+
+    def replace_role(self, name: str, role: Role) -> "TrainState":
+        return self._replace(roles={**self.roles, name: role})
+
+
+def apply_updates(role: Role, grads: Any, tx: optax.GradientTransformation) -> Role:
+    """One optimizer step of a trainable role (a non-finite gradient is skipped by apply_if_finite)."""
+    updates, opt_state = tx.update(grads, role.opt_state, role.params)
+    return Role(optax.apply_updates(role.params, updates), opt_state)
+
+
+def skipped_updates(state: TrainState) -> dict[str, jax.Array]:
+    """Per trainable role, updates skipped so far for a non-finite gradient."""
+    return {name: optim.skipped_updates(r.opt_state) for name, r in state.roles.items() if r.trainable}
