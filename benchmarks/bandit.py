@@ -6,7 +6,7 @@
 The same algorithm everywhere: uniform start, inverse-CDF sampling of G arms, linear (GRPO)
 weights, SGD on the weighted log-likelihood, and the same per-step metrics (p(best), expected and
 sampled reward, loss, grad norm, max weight, weight entropy, effective N).
-  jax       one jitted call: lax.scan over steps, vmap over seeds (rlsoft.categorical.sweep)
+  jax       one jitted call: lax.scan over steps, vmap over seeds (rlsoft.bandit_sweep.sweep)
   numpy_a   NumPy vectorised over seeds, one Python iteration per step
   numpy_b   NumPy with a Python loop over seeds (timed on a subset: its cost is linear in
             seeds x steps, so seed-steps/s extrapolates)
@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import numpy as np
 
 from envs import bandit as bandit_env
-from rlsoft import categorical
+from rlsoft import bandit_sweep
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 from rlsoft.sharding import make_mesh, shard_batch
@@ -133,11 +133,11 @@ def jax_sweep(cfg: BenchConfig) -> tuple[dict[str, np.ndarray], float, float]:
     mesh = make_mesh()
     if cfg.seeds % mesh.size == 0:  # independent seeds: one shard per host device (core)
         envs, keys = shard_batch((envs, keys), mesh)
-    hps = categorical.make_hparams(["linear"], (), (cfg.lr,))
+    hps = bandit_sweep.make_hparams(["linear"], (), (cfg.lr,))
     kw = dict(num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.pull_noiseless,
               values_fn=bandit_env.arm_values, group_size=cfg.group_size, optimizer="sgd")
     start = time.perf_counter()
-    compiled = categorical.sweep.lower(hps, envs, keys, **kw).compile()
+    compiled = bandit_sweep.sweep.lower(hps, envs, keys, **kw).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     metrics = jax.block_until_ready(compiled(hps, envs, keys))

@@ -10,7 +10,7 @@ contexts/s counts forward + backward + optimizer step, jitted, after compilation
   exhaustive      `exhaustive_update`: ONE forward pass per context; the 65 candidates are the 65
                   entries of the softmax at the context's last position. Timed two ways: one step per
                   jitted call, and `steps_per_call` steps as one lax.scan per call (a compiled
-                  training loop, as rlsoft.categorical runs its sweeps).
+                  training loop, as rlsoft.bandit_sweep runs its sweeps).
   per_candidate   `per_candidate_value_and_grad`: seed 002's way, 65 passes per context, each on
                   [context, c] scored at the position that predicts c; a lax.scan over 65 / k steps of
                   k candidates x B contexts (k = candidates_per_pass; each k is timed, the fastest is

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from envs import bandit as bandit_env
-from rlsoft import categorical, weighting
+from rlsoft import bandit_sweep, weighting
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import TensorBoardLogger, format_table
 from rlsoft.sharding import make_mesh, shard_batch
@@ -60,8 +60,8 @@ class BanditConfig:
         check(self.noise_std >= 0, f"noise_std={self.noise_std} is invalid; need >= 0")
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")
         check(self.steps >= 1, f"steps={self.steps} is invalid; need >= 1")
-        check(self.optimizer in categorical.OPTIMIZERS,
-              f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(categorical.OPTIMIZERS)}")
+        check(self.optimizer in bandit_sweep.OPTIMIZERS,
+              f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(bandit_sweep.OPTIMIZERS)}")
         check(self.log_every >= 1, f"log_every={self.log_every} is invalid; need >= 1")
         if any(s in weighting.NEEDS_TAU for s in self.schemes):
             check(len(self.taus) > 0, "taus is empty but a scheme needs a temperature")
@@ -73,7 +73,7 @@ PRESETS = {
 }
 
 
-def run_sweep(cfg: BanditConfig) -> tuple[categorical.HParams, dict[str, np.ndarray]]:
+def run_sweep(cfg: BanditConfig) -> tuple[bandit_sweep.HParams, dict[str, np.ndarray]]:
     """Build the tasks and the grid, run the compiled sweep; metrics as numpy [C, S, T]."""
     root = jax.random.PRNGKey(cfg.seed)
     seed_keys = jax.random.split(root, cfg.seeds)
@@ -84,8 +84,8 @@ def run_sweep(cfg: BanditConfig) -> tuple[categorical.HParams, dict[str, np.ndar
     mesh = make_mesh()
     if cfg.seeds % mesh.size == 0:  # seeds are independent: split them across the devices
         envs, policy_keys = shard_batch((envs, policy_keys), mesh)
-    hps = categorical.make_hparams(cfg.schemes, cfg.taus, cfg.lrs)
-    metrics = categorical.sweep(
+    hps = bandit_sweep.make_hparams(cfg.schemes, cfg.taus, cfg.lrs)
+    metrics = bandit_sweep.sweep(
         hps, envs, policy_keys,
         num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.reward_fn_for(cfg.noise_std),
         values_fn=bandit_env.arm_values, group_size=cfg.group_size, optimizer=cfg.optimizer,
@@ -93,7 +93,7 @@ def run_sweep(cfg: BanditConfig) -> tuple[categorical.HParams, dict[str, np.ndar
     return hps, jax.tree.map(np.asarray, metrics)
 
 
-def grid_labels(hps: categorical.HParams) -> list[dict]:
+def grid_labels(hps: bandit_sweep.HParams) -> list[dict]:
     out = []
     for idx, tau, lr in zip(np.asarray(hps.scheme_index), np.asarray(hps.tau), np.asarray(hps.learning_rate)):
         name = weighting.SCHEME_NAMES[int(idx)]
@@ -106,8 +106,8 @@ def summarize(cfg: BanditConfig, hps, metrics) -> list[dict]:
     """One row per grid point: means over seeds (medians for the step counts)."""
     # Draws until a best arm is first sampled (1-based); updates until p(best) first exceeds 0.9.
     # Runs that never get there count as `steps` (censored): see reached_p90.
-    first_success = np.asarray(categorical.first_step(metrics["n_best_sampled"] > 0)) + 1
-    to_90 = np.asarray(categorical.first_step(metrics["p_best"] > 0.9))
+    first_success = np.asarray(bandit_sweep.first_step(metrics["n_best_sampled"] > 0)) + 1
+    to_90 = np.asarray(bandit_sweep.first_step(metrics["p_best"] > 0.9))
     rows = []
     for c, lab in enumerate(grid_labels(hps)):
         informative = metrics["zero_std"][c] == 0

@@ -10,7 +10,7 @@ import pytest
 
 from envs import bandit as bandit_env
 from experiments import bandit as bandit_exp
-from rlsoft import categorical, weighting
+from rlsoft import bandit_sweep, weighting
 from rlsoft.logger import read_scalars
 
 K, S, T, G = 20, 3, 15, 8
@@ -56,7 +56,7 @@ def test_make_bandit_rejects_bad_arguments(kwargs):
 def test_inverse_cdf_sampler_matches_the_policy():
     logits = jnp.array([0.0, 1.0, -1.0, 2.0, 0.5])
     n = 200_000
-    a = categorical.sample_actions(jax.random.PRNGKey(0), jnp.exp(logits), n)
+    a = bandit_sweep.sample_actions(jax.random.PRNGKey(0), jnp.exp(logits), n)
     freq = np.bincount(np.asarray(a), minlength=5) / n
     p = np.asarray(jax.nn.softmax(logits))
     # 5 binomial standard errors per cell.
@@ -67,11 +67,11 @@ def test_gradient_is_the_weighted_score_function():
     logits = jnp.array([0.3, -0.2, 1.0, 0.0])
     actions = jnp.array([0, 2, 2, 3])
     w = jnp.array([1.5, -0.5, 0.25, 2.0])
-    grad = jax.grad(categorical.weighted_nll)(logits, actions, w)
+    grad = jax.grad(bandit_sweep.weighted_nll)(logits, actions, w)
     pi = np.asarray(jax.nn.softmax(logits))
     expected = -sum(float(w[i]) * (np.eye(4)[int(actions[i])] - pi) for i in range(4)) / 4
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
-    closed_form = categorical.weighted_nll_grad(jnp.asarray(pi), actions, w)
+    closed_form = bandit_sweep.weighted_nll_grad(jnp.asarray(pi), actions, w)
     np.testing.assert_allclose(closed_form, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -81,7 +81,7 @@ def test_blocked_sampler_is_exact_in_distribution(num_actions):
     logits = jax.random.normal(jax.random.PRNGKey(num_actions), (num_actions,)) * 2.0
     e = jnp.exp(logits).at[::5].set(0.0)
     n = 400_000
-    a = np.asarray(categorical.sample_actions(jax.random.PRNGKey(1), e, n))
+    a = np.asarray(bandit_sweep.sample_actions(jax.random.PRNGKey(1), e, n))
     assert a.min() >= 0 and a.max() < num_actions
     freq = np.bincount(a, minlength=num_actions) / n
     p = np.asarray(e / jnp.sum(e))
@@ -90,7 +90,7 @@ def test_blocked_sampler_is_exact_in_distribution(num_actions):
 
 
 def test_make_hparams_has_one_tau_free_entry_per_lr():
-    hps = categorical.make_hparams(["linear", "softmax"], (0.25, 0.5), (1.0, 3.0))
+    hps = bandit_sweep.make_hparams(["linear", "softmax"], (0.25, 0.5), (1.0, 3.0))
     assert hps.scheme_index.shape == (2 + 4,)
     names = [weighting.SCHEME_NAMES[int(i)] for i in hps.scheme_index]
     assert names.count("linear") == 2 and names.count("softmax") == 4
@@ -103,22 +103,22 @@ def test_make_hparams_has_one_tau_free_entry_per_lr():
                                                ("adam", ["softmax", "best_of_n", "raw"])])
 def test_compiled_sweep_equals_step_by_step_replay(optimizer, schemes):
     envs, policy_keys = _setup(noise_std=0.1)
-    hps = categorical.make_hparams(schemes, (0.5,), (1.0, 3.0))
+    hps = bandit_sweep.make_hparams(schemes, (0.5,), (1.0, 3.0))
     chex.clear_trace_counter()  # the counter is keyed by code, shared across parametrizations
     kw = dict(reward_fn=bandit_env.pull, values_fn=bandit_env.arm_values, group_size=G, optimizer=optimizer)
-    swept = categorical.sweep(hps, envs, policy_keys, num_actions=K, num_steps=T, **kw)
+    swept = bandit_sweep.sweep(hps, envs, policy_keys, num_actions=K, num_steps=T, **kw)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(hp, env, state, key):
-        state, record = categorical.policy_step(hp, env, state, key, **kw)
-        return state, categorical.step_metrics(record, env, bandit_env.arm_values)
+        state, record = bandit_sweep.policy_step(hp, env, state, key, **kw)
+        return state, bandit_sweep.step_metrics(record, env, bandit_env.arm_values)
 
     for c in range(hps.scheme_index.shape[0]):
         hp = jax.tree.map(lambda x: x[c], hps)
         for s in range(S):
             env = jax.tree.map(lambda x: x[s], envs)
-            state = categorical.init_state(K, optimizer)
+            state = bandit_sweep.init_state(K, optimizer)
             for t in range(T):
                 state, m = step(hp, env, state, jax.random.fold_in(policy_keys[s], t))
                 for name, value in m.items():
@@ -130,19 +130,19 @@ def test_sweep_does_not_recompile_for_new_values():
     envs, policy_keys = _setup()
     kw = dict(num_actions=K, num_steps=T, reward_fn=bandit_env.pull, values_fn=bandit_env.arm_values,
               group_size=G, optimizer="sgd")
-    hps = categorical.make_hparams(["linear", "softmax"], (0.5,), (1.0,))
-    categorical.sweep(hps, envs, policy_keys, **kw)
-    size = categorical.sweep._cache_size()
-    hps2 = categorical.make_hparams(["rank", "softmax_centered"], (0.25,), (2.0,))
+    hps = bandit_sweep.make_hparams(["linear", "softmax"], (0.5,), (1.0,))
+    bandit_sweep.sweep(hps, envs, policy_keys, **kw)
+    size = bandit_sweep.sweep._cache_size()
+    hps2 = bandit_sweep.make_hparams(["rank", "softmax_centered"], (0.25,), (2.0,))
     envs2, keys2 = jax.tree.map(lambda x: x[::-1], (envs, policy_keys))
-    categorical.sweep(hps2, envs2, keys2, **kw)
-    assert categorical.sweep._cache_size() == size
+    bandit_sweep.sweep(hps2, envs2, keys2, **kw)
+    assert bandit_sweep.sweep._cache_size() == size
 
 
 def test_sparse_bandit_is_learned():
     envs, policy_keys = _setup()
-    hps = categorical.make_hparams(["linear", "softmax"], (0.5,), (3.0,))
-    m = categorical.sweep(hps, envs, policy_keys, num_actions=K, num_steps=60, reward_fn=bandit_env.pull,
+    hps = bandit_sweep.make_hparams(["linear", "softmax"], (0.5,), (3.0,))
+    m = bandit_sweep.sweep(hps, envs, policy_keys, num_actions=K, num_steps=60, reward_fn=bandit_env.pull,
                           values_fn=bandit_env.arm_values, group_size=G, optimizer="sgd")
     p = np.asarray(m["p_best"])
     np.testing.assert_allclose(p[:, :, 0], 1.0 / K, rtol=1e-5)  # uniform start
@@ -151,7 +151,7 @@ def test_sparse_bandit_is_learned():
 
 def test_first_step():
     mask = jnp.array([[False, True, True], [False, False, False], [True, False, False]])
-    np.testing.assert_array_equal(categorical.first_step(mask), [1, 3, 0])
+    np.testing.assert_array_equal(bandit_sweep.first_step(mask), [1, 3, 0])
 
 
 def test_experiment_smoke(tmp_path, capsys):
