@@ -15,6 +15,15 @@ Sources:
 Schemes that need a temperature: softmax, softmax_centered, quantile_softmax. `tau` may be a
 positive float, "auto" (= range of the softmax input / 2, the rule derived in seed 001), or a jnp
 scalar (so that a sweep can vmap over it; traced values cannot be validated at trace time).
+
+Non-finite rewards, one policy for every scheme (`rlsoft.reward_groups`): a NaN, +inf or -inf
+reward is masked out of its group. Its weight is exactly 0 and the other samples are weighted as
+if it were absent, i.e. by the scheme on the group of its n finite rewards (softmax and best_of_n
+weights then sum to n, not G). A group with no finite reward gets all-zero weights; one with a
+single finite reward gets what the scheme gives a group of one (1 for softmax, quantile_softmax
+and best_of_n, the reward itself for raw, 0 for the others, rloo included). They are counted per
+group by `weight_stats(...)["nonfinite_rewards"]` (summed over the batch by
+`summarize_weight_stats`) and by `count_nonfinite`.
 """
 from __future__ import annotations
 
@@ -26,14 +35,19 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
+from rlsoft.reward_groups import FiniteGroup, as_float, finite_group, validate_group_shape
+from rlsoft.reward_groups import count_nonfinite  # noqa: F401  (re-export)
+from rlsoft.weight_stats import (  # noqa: F401  (re-export: the per-group diagnostics)
+    SUMMED_STATS, WEIGHT_SHAPE_STATS, group_weight_stats, summarize_weight_stats, weight_stats,
+)
+
 Tau = Union[float, str, jax.Array, None]
 
 GRPO_EPS = 1e-4  # GRPO-Zero's `std + 1e-4`.
-_TINY = 1e-30
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers on one group.
+# Helpers on one group. `f = finite_group(r)`: mask, count n, finite stand-in `f.filled`.
 
 
 def _assert_group(r: chex.Array) -> None:
@@ -44,6 +58,8 @@ def average_ranks(r: chex.Array) -> chex.Array:
     """1-based ranks of one group, ties sharing their average rank.
 
     rank_i = #{j: r_j < r_i} + (#{j: r_j == r_i} + 1) / 2.  O(G^2), exact, no sort needed.
+    Ranks among the finite rewards only: pass `where(finite, r, inf)` (+inf is never < or == a
+    finite value, so the finite entries' ranks are those of the group without the others).
     """
     _assert_group(r)
     less = jnp.sum(r[None, :] < r[:, None], axis=1)
@@ -51,22 +67,29 @@ def average_ranks(r: chex.Array) -> chex.Array:
     return less.astype(r.dtype) + (equal.astype(r.dtype) + 1.0) / 2.0
 
 
-def _centre(r: chex.Array) -> chex.Array:
-    """r - mean(r), measured from r[0] so that an all-equal group gives exactly 0.
+def _finite_ranks(r: chex.Array, f: FiniteGroup) -> chex.Array:
+    return average_ranks(jnp.where(f.mask, r, jnp.inf))
+
+
+def _centre(f: FiniteGroup) -> chex.Array:
+    """r - mean(r) over the finite rewards (0 elsewhere), measured from one of them (f.ref) so that
+    an all-equal group gives exactly 0.
 
     jnp.mean of G equal floats is not always that float (e.g. 3 x 0.1 in float32), so the plain
     r - mean(r) left ~1e-8 on a constant group, which linear's std division blew up to ~1e-4.
     """
-    d = r - r[0]
-    return d - jnp.mean(d)
+    d = f.filled - f.ref  # exactly 0 on the non-finite entries
+    return jnp.where(f.mask, d - jnp.sum(d) / jnp.maximum(f.n, 1.0), 0.0)
 
 
-def _softmax_times_g(x: chex.Array, tau: chex.Array) -> chex.Array:
-    """G * softmax(x / tau), computed as exp((x - max x) / tau) so |x / tau| up to 1e6 stays finite."""
-    g = x.shape[-1]
-    z = (x - jnp.max(x)) / tau
-    e = jnp.exp(z)
-    return g * e / jnp.sum(e)
+def _softmax_times_n(x: chex.Array, f: FiniteGroup, tau: chex.Array) -> chex.Array:
+    """n * softmax(x / tau) over the finite entries (0 elsewhere), computed as exp((x - max x) / tau)
+    so |x / tau| up to 1e6 stays finite. `x` must be finite (filled); the max entries get exp(0) = 1
+    whatever tau (a tau that underflows to 0 in float32 gives the tau -> 0 limit, not 0 / 0), so the
+    sum is >= 1 whenever n >= 1, and an empty group gives zeros."""
+    d = x - jnp.max(x)
+    e = jnp.where(f.mask, jnp.exp(jnp.where(d < 0, d / tau, 0.0)), 0.0)
+    return f.n * e / jnp.maximum(jnp.sum(e), 1.0)
 
 
 def _resolve_tau(x: chex.Array, tau) -> chex.Array:
@@ -78,42 +101,44 @@ def _resolve_tau(x: chex.Array, tau) -> chex.Array:
 
 
 # --------------------------------------------------------------------------------------------
-# The schemes, one group each.
+# The schemes, one group each; non-finite rewards are masked out (module docstring).
 
 
 def linear(r: chex.Array, tau: Tau = None) -> chex.Array:
     """GRPO: (r - mean) / (std + 1e-4), population std (GRPO-Zero's exact formula)."""
     del tau
     _assert_group(r)
-    c = _centre(r)
-    return c / (jnp.sqrt(jnp.mean(c * c)) + GRPO_EPS)
+    f = finite_group(r)
+    c = _centre(f)
+    return c / (jnp.sqrt(jnp.sum(c * c) / jnp.maximum(f.n, 1.0)) + GRPO_EPS)
 
 
 def drgrpo(r: chex.Array, tau: Tau = None) -> chex.Array:
     """Dr. GRPO: r - mean (no std division)."""
     del tau
     _assert_group(r)
-    return _centre(r)
+    return _centre(finite_group(r))
 
 
 def rloo(r: chex.Array, tau: Tau = None) -> chex.Array:
-    """RLOO: r_i - (sum_j r_j - r_i) / (G - 1)  ==  G / (G - 1) * (r_i - mean)."""
+    """RLOO: r_i - (sum_j r_j - r_i) / (n - 1)  ==  n / (n - 1) * (r_i - mean); 0 when n = 1."""
     del tau
     _assert_group(r)
-    g = r.shape[0]
-    d = r - r[0]  # exact zeros on an all-equal group (see _centre)
-    return d - (jnp.sum(d) - d) / (g - 1)
+    f = finite_group(r)
+    d = f.filled - f.ref  # exact zeros on an all-equal group (see _centre), and on masked entries
+    return jnp.where(f.mask, d - (jnp.sum(d) - d) / jnp.maximum(f.n - 1.0, 1.0), 0.0)
 
 
 def softmax(r: chex.Array, tau: Tau = None) -> chex.Array:
     """Boltzmann / AWR: G * softmax(r / tau). Sums to G; tau -> 0 is best_of_n, tau -> inf is 1."""
     _assert_group(r)
-    return _softmax_times_g(r, _resolve_tau(r, tau))
+    f = finite_group(r)
+    return _softmax_times_n(f.filled, f, _resolve_tau(f.filled, tau))
 
 
 def softmax_centered(r: chex.Array, tau: Tau = None) -> chex.Array:
     """G * softmax(r / tau) - 1. Sums to zero, so below-average samples are pushed down."""
-    return softmax(r, tau) - 1.0
+    return jnp.where(jnp.isfinite(r), softmax(r, tau) - 1.0, 0.0)
 
 
 def quantile(r: chex.Array, tau: Tau = None) -> chex.Array:
@@ -124,23 +149,25 @@ def quantile(r: chex.Array, tau: Tau = None) -> chex.Array:
     """
     del tau
     _assert_group(r)
-    g = r.shape[0]
-    return ndtri((average_ranks(r) - 0.5) / g)
+    f = finite_group(r)
+    p = (_finite_ranks(r, f) - 0.5) / jnp.maximum(f.n, 1.0)
+    return jnp.where(f.mask, ndtri(jnp.where(f.mask, p, 0.5)), 0.0)
 
 
 def quantile_softmax(r: chex.Array, tau: Tau = None) -> chex.Array:
     """Quantile first, then G * softmax(q / tau). "auto" tau uses the range of q."""
-    q = quantile(r)
-    return _softmax_times_g(q, _resolve_tau(q, tau))
+    f = finite_group(r)
+    q = quantile(r)  # 0 on the masked entries, which is within [min q, max q] of the finite ones
+    return _softmax_times_n(q, f, _resolve_tau(q, tau))
 
 
 def rank(r: chex.Array, tau: Tau = None) -> chex.Array:
     """Centred average ranks, rank - (G + 1) / 2, scaled to unit population std (0 if all equal)."""
     del tau
     _assert_group(r)
-    g = r.shape[0]
-    c = average_ranks(r) - (g + 1) / 2.0
-    s = jnp.std(c)
+    f = finite_group(r)
+    c = jnp.where(f.mask, _finite_ranks(r, f) - (f.n + 1.0) / 2.0, 0.0)
+    s = jnp.sqrt(jnp.sum(c * c) / jnp.maximum(f.n, 1.0))
     return jnp.where(s > 0, c / jnp.where(s > 0, s, 1.0), jnp.zeros_like(c))
 
 
@@ -151,16 +178,16 @@ def best_of_n(r: chex.Array, tau: Tau = None) -> chex.Array:
     """
     del tau
     _assert_group(r)
-    g = r.shape[0]
-    best = (r == jnp.max(r)).astype(r.dtype)
-    return g * best / jnp.sum(best)
+    f = finite_group(r)
+    best = (f.mask & (f.filled == jnp.max(f.filled))).astype(r.dtype)
+    return f.n * best / jnp.maximum(jnp.sum(best), 1.0)
 
 
 def raw(r: chex.Array, tau: Tau = None) -> chex.Array:
     """REINFORCE without a baseline: w = r."""
     del tau
     _assert_group(r)
-    return r
+    return jnp.where(jnp.isfinite(r), r, 0.0)
 
 
 SchemeFn = Callable[[chex.Array, Tau], chex.Array]
@@ -212,20 +239,6 @@ def validate_tau(tau: Tau, scheme: str | None = None) -> None:
         raise ValueError(f"tau={value!r} is invalid; allowed: a finite float > 0 or 'auto'")
 
 
-def _validate_rewards(rewards: chex.Array) -> None:
-    if jnp.ndim(rewards) < 1 or jnp.shape(rewards)[-1] < 2:
-        raise ValueError(
-            f"rewards must have a group axis last with G >= 2; got shape {jnp.shape(rewards)}"
-        )
-
-
-def _as_float(rewards) -> jax.Array:
-    rewards = jnp.asarray(rewards)
-    if not jnp.issubdtype(rewards.dtype, jnp.floating):
-        rewards = rewards.astype(jnp.float32)
-    return rewards
-
-
 def _compute_dtype(dtype) -> jnp.dtype:
     # Low-precision inputs are computed in float32 (ndtri, exp) and cast back.
     return jnp.promote_types(dtype, jnp.float32)
@@ -241,13 +254,14 @@ def _over_groups(fn: Callable[[chex.Array], chex.Array], rewards: jax.Array) -> 
 def compute_weights(rewards, scheme: str, *, tau: Tau = None) -> jax.Array:
     """Weights for `rewards: [..., G]` under `scheme`, groups on the last axis; same shape and dtype.
 
-    Raises ValueError (at trace time) for an unknown scheme, an invalid tau, a missing tau for a
-    scheme that needs one, or G < 2.
+    Non-finite rewards get weight 0 and the rest of their group is weighted without them (module
+    docstring). Raises ValueError (at trace time) for an unknown scheme, an invalid tau, a missing
+    tau for a scheme that needs one, or G < 2.
     """
     validate_scheme(scheme)
     validate_tau(tau, scheme)
-    rewards = _as_float(rewards)
-    _validate_rewards(rewards)
+    rewards = as_float(rewards)
+    validate_group_shape(rewards)
     fn = SCHEMES[scheme]
     work = rewards.astype(_compute_dtype(rewards.dtype))
     if scheme in NEEDS_TAU and not isinstance(tau, str) and jnp.ndim(tau) > 0:
@@ -261,8 +275,8 @@ def compute_weights_by_index(rewards, scheme_index, tau) -> jax.Array:
     Lets a compiled sweep vmap over schemes: under vmap `lax.switch` evaluates every branch and
     selects, which is cheap next to the rest of a step. `tau` must be a float or jnp scalar here.
     """
-    rewards = _as_float(rewards)
-    _validate_rewards(rewards)
+    rewards = as_float(rewards)
+    validate_group_shape(rewards)
     work = rewards.astype(_compute_dtype(rewards.dtype))
     tau = jnp.asarray(tau, work.dtype)
     branches = [lambda r, t, f=SCHEMES[n]: f(r, t) for n in SCHEME_NAMES]
@@ -273,76 +287,6 @@ def compute_weights_by_index(rewards, scheme_index, tau) -> jax.Array:
 def scheme_index(scheme: str) -> int:
     validate_scheme(scheme)
     return SCHEME_NAMES.index(scheme)
-
-
-# --------------------------------------------------------------------------------------------
-# Diagnostics (seed 000, "Specific metrics to log").
-
-WEIGHT_SHAPE_STATS = ("max_weight", "entropy", "effective_n", "weight_on_best", "mass_on_best")
-
-
-def group_weight_stats(w: chex.Array, r: chex.Array) -> dict[str, chex.Array]:
-    """Statistics of one group's weights `w: [G]` given its rewards `r: [G]`.
-
-    With p = |w| / sum|w|:  entropy = -sum p log p,  effective_n = 1 / sum p^2  (seed 000).
-    weight_on_best is the mean weight of the samples tied for the best reward (the seed's
-    "weight on correct"); mass_on_best is their share of sum|w|. A group whose weights are all
-    zero (a centred scheme on equal rewards) gives no gradient: entropy = effective_n = 0 there.
-    """
-    chex.assert_rank([w, r], 1)
-    chex.assert_equal_shape([w, r])
-    a = jnp.abs(w)
-    total = jnp.sum(a)
-    live = total > 0
-    p = a / jnp.where(live, total, 1.0)
-    plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-    best = r == jnp.max(r)
-    n_best = jnp.sum(best)
-    zero_std = jnp.all(r == r[0])
-    return {
-        "max_weight": jnp.max(w),
-        "min_weight": jnp.min(w),
-        "weight_sum": jnp.sum(w),
-        "entropy": jnp.where(live, -jnp.sum(plogp), 0.0),
-        "effective_n": jnp.where(live, 1.0 / jnp.maximum(jnp.sum(p * p), _TINY), 0.0),
-        "weight_on_best": jnp.sum(jnp.where(best, w, 0.0)) / n_best,
-        "mass_on_best": jnp.sum(jnp.where(best, p, 0.0)),
-        "reward_mean": jnp.mean(r),
-        "reward_std": jnp.std(r),
-        "zero_std": zero_std.astype(w.dtype),
-    }
-
-
-def weight_stats(weights, rewards) -> dict[str, jax.Array]:
-    """Per-group stats for `weights, rewards: [..., G]`; each value has shape `[...]`."""
-    weights = _as_float(weights)
-    rewards = _as_float(rewards).astype(weights.dtype)
-    chex.assert_equal_shape([weights, rewards])
-    _validate_rewards(rewards)
-    lead = weights.shape[:-1]
-    g = weights.shape[-1]
-    stats = jax.vmap(group_weight_stats)(weights.reshape(-1, g), rewards.reshape(-1, g))
-    return {k: v.reshape(lead) for k, v in stats.items()}
-
-
-def summarize_weight_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Batch means for logging.
-
-    The weight-shape stats (WEIGHT_SHAPE_STATS) are averaged over informative groups only (those
-    whose rewards are not all equal), because on a constant group every scheme is trivially flat
-    and would mask the comparison; `zero_std_frac` reports how many groups were left out.
-    """
-    informative = 1.0 - stats["zero_std"]
-    n_inf = jnp.sum(informative)
-    out = {}
-    for k, v in stats.items():
-        if k == "zero_std":
-            out["zero_std_frac"] = jnp.mean(v)
-        elif k in WEIGHT_SHAPE_STATS:
-            out[k] = jnp.sum(v * informative) / jnp.maximum(n_inf, 1.0)
-        else:
-            out[k] = jnp.mean(v)
-    return out
 
 
 from rlsoft.schedules import TAU_SCHEDULES, make_tau_schedule  # noqa: E402  (re-export)

@@ -38,6 +38,7 @@ def test_group_weight_stats_by_hand():
         "reward_mean": 0.625,
         "reward_std": math.sqrt(0.6875 / 4),
         "zero_std": 0.0,
+        "nonfinite_rewards": 0.0,
     }
     for s in (_stats(w, r), weighting.group_weight_stats(w, r)):
         assert set(s) == set(expected)
