@@ -57,12 +57,15 @@ class BanditConfig:
         check(self.seeds >= 1, f"seeds={self.seeds} is invalid; need >= 1")
         check(self.arms >= 2, f"arms={self.arms} is invalid; need >= 2")
         check(1 <= self.paying_arms < self.arms, f"paying_arms={self.paying_arms} is invalid; need 1..arms-1")
-        check(self.noise_std >= 0, f"noise_std={self.noise_std} is invalid; need >= 0")
+        check(math.isfinite(self.noise_std) and self.noise_std >= 0,
+              f"noise_std={self.noise_std} is invalid; need a finite value >= 0")
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")
         check(self.steps >= 1, f"steps={self.steps} is invalid; need >= 1")
         check(self.optimizer in bandit_sweep.OPTIMIZERS,
               f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(bandit_sweep.OPTIMIZERS)}")
         check(self.log_every >= 1, f"log_every={self.log_every} is invalid; need >= 1")
+        check(0 <= self.seed < 2**31, f"seed={self.seed} is invalid; need 0 <= seed < 2**31")
+        check(self.out.strip() != "", "out is empty; give an output directory")
         if any(s in weighting.NEEDS_TAU for s in self.schemes):
             check(len(self.taus) > 0, "taus is empty but a scheme needs a temperature")
 

@@ -167,10 +167,18 @@ def test_experiment_smoke(tmp_path, capsys):
     assert "one compiled call" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag", ["--arms=1", "--taus=0", "--schemes=nope", "--ref_lr=7", "--bogus=1", "--seeds=x"])
+@pytest.mark.parametrize("flag", [
+    "--arms=1", "--taus=0", "--schemes=nope", "--ref_lr=7", "--bogus=1", "--seeds=x",
+    # every numeric field's domain: NaN, infinities, negatives, zero where it must be positive
+    "--taus=nan", "--taus=inf", "--taus=0.5,-inf", "--lrs=nan", "--lrs=inf", "--lrs=-1", "--ref_lr=nan",
+    "--ref_lr=inf", "--noise_std=nan", "--noise_std=inf", "--noise_std=-0.1", "--seeds=0", "--arms=-5",
+    "--paying_arms=0", "--paying_arms=1000", "--group_size=1", "--steps=0", "--log_every=0", "--seed=-1",
+    "--seed=99999999999999999999", "--out=",
+])
 def test_experiment_bad_flags_exit_2(flag, capsys):
     with pytest.raises(SystemExit) as e:
         bandit_exp.main([flag])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
+    assert flag[2:].split("=")[0].rstrip("s") in err[0], err  # the line names the flag

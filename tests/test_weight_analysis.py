@@ -85,11 +85,18 @@ def test_no_plot(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--taus=-1", "--nope=1", "--group_sizes=1,8", "--taus=", "--sweep_points=1",
-                                  "--sweep_min=5", "--sparsity_tau=inf", "--taus=abc"])
+                                  "--sweep_min=5", "--sparsity_tau=inf", "--taus=abc",
+                                  # every numeric field's domain: NaN, infinities, negatives, zero, bounds
+                                  "--taus=nan", "--taus=1,inf", "--taus=0", "--taus=1,1", "--sweep_min=nan",
+                                  "--sweep_min=-inf", "--sweep_min=0", "--sweep_max=nan", "--sweep_max=inf",
+                                  "--sweep_max=-1", "--sweep_points=-3", "--sweep_points=1001",
+                                  "--group_sizes=-4", "--group_sizes=2048", "--group_sizes=4,4",
+                                  "--sparsity_tau=nan", "--sparsity_tau=-inf", "--sparsity_tau=0", "--out="])
 def test_bad_flags_exit_2(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        wa.main([flag, f"--out={tmp_path}"])
+        wa.main([f"--out={tmp_path}", flag])  # the flag comes last, so --out= wins
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err
+    assert flag[2:].split("=")[0] in err  # the line names the flag
     assert not os.listdir(tmp_path)  # rejected before anything is computed or written
