@@ -29,7 +29,7 @@ import numpy as np
 
 from envs import bandit as bandit_env
 from rlsoft import bandit_sweep
-from rlsoft.config import check, parse_flags
+from rlsoft.config import check, check_finite, parse_flags
 from rlsoft.logger import format_table
 from rlsoft.sharding import make_mesh, shard_batch
 
@@ -48,7 +48,8 @@ class BenchConfig:
     def __post_init__(self):
         for name in ("seeds", "arms", "steps", "group_size", "loop_seeds", "loop_steps"):
             check(getattr(self, name) >= 2, f"{name}={getattr(self, name)} is invalid; need >= 2")
-        check(self.lr > 0, f"lr={self.lr} is invalid; need > 0")
+        check_finite(self.lr > 0, "lr", self.lr, "a finite value > 0")
+        check(0 <= self.seed < 2**31, f"seed={self.seed} is invalid; need 0 <= seed < 2**31")
 
 
 def _paying_arms(cfg: BenchConfig) -> np.ndarray:

@@ -43,7 +43,7 @@ import optax
 from envs import chartext, ngram
 from models import char_gpt
 from rlsoft import exhaustive, weighting
-from rlsoft.config import check, parse_flags
+from rlsoft.config import check, check_finite, parse_flags
 from rlsoft.logger import format_table
 
 SHARED_TEXT = "/work/shared/data/tinyshakespeare.txt"
@@ -77,7 +77,10 @@ class BenchConfig:
         weighting.validate_scheme(self.scheme)
         weighting.validate_tau(self.tau)
         exhaustive.validate_mixing(self.mixing)
-        check(self.learning_rate > 0, f"learning_rate={self.learning_rate} is invalid; need > 0")
+        check_finite(self.learning_rate > 0, "learning_rate", self.learning_rate, "a finite value > 0")
+        check(0 <= self.seed < 2**31, f"seed={self.seed} is invalid; need 0 <= seed < 2**31")
+        check(not self.text_file or os.path.isfile(self.text_file),
+              f"text_file={self.text_file} is invalid; no such file (--text_file= times random tokens)")
         check(len(self.candidates_per_pass) > 0 and all(k >= 1 for k in self.candidates_per_pass),
               f"candidates_per_pass={self.candidates_per_pass} is invalid; need divisors of the vocabulary")
 

@@ -69,6 +69,7 @@ class BenchConfig:
         for name in ("repeats", "mid_repeats", "batch", "prompt_len", "new_tokens", "group_size", "chunk"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} is invalid; need >= 1")
         check(self.threads >= 0, f"threads={self.threads} is invalid; need >= 0 (0: all cores)")
+        check(0 <= self.seed < 2**31, f"seed={self.seed} is invalid; need 0 <= seed < 2**31")
         check(self.new_tokens >= 2, f"new_tokens={self.new_tokens} is invalid; need >= 2")
         check(self.prompt_len >= 16, f"prompt_len={self.prompt_len} is invalid; need >= 16")
         check(self.batch % self.group_size == 0,

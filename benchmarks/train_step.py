@@ -63,7 +63,7 @@ from models import hf, qwen2
 from models.qwen2_decode import decode_fns
 from models.qwen2_train import response_logits, train_forward
 from rlsoft import rollout, trainer, weighting
-from rlsoft.config import check, parse_flags
+from rlsoft.config import check, check_finite, parse_flags
 from rlsoft.logger import format_table
 
 TARGETS = {"update_tokens_per_s": 16600, "ratio_update_over_torch": 2.0}  # 2x GRPO-Zero's ~8,300 (tiny)
@@ -96,7 +96,8 @@ class BenchConfig:
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")
         check(self.prompt_len >= 16, f"prompt_len={self.prompt_len} is invalid; need >= 16")
         check(self.new_tokens >= 2, f"new_tokens={self.new_tokens} is invalid; need >= 2")
-        check(self.learning_rate > 0, f"learning_rate={self.learning_rate} is invalid; need > 0")
+        check_finite(self.learning_rate > 0, "learning_rate", self.learning_rate, "a finite value > 0")
+        check(0 <= self.seed < 2**31, f"seed={self.seed} is invalid; need 0 <= seed < 2**31")
         # The update runs each question's prompt once, so a micro-batch holds whole questions.
         for name in ("micro_batches",) + (("mid_micro_batches",) if self.config != "tiny" else ()):
             check(self.questions % getattr(self, name) == 0,

@@ -39,3 +39,36 @@ def test_benchmark_flags_are_checked():
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--sweep=3"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "sweep" in out.stderr
+
+
+# Every numeric flag is checked for its domain in-process: one line on stderr, exit 2, nothing run.
+BAD_FLAGS = [
+    ("benchmarks.bandit", "--lr=inf"), ("benchmarks.bandit", "--lr=nan"), ("benchmarks.bandit", "--lr=0"),
+    ("benchmarks.bandit", "--seed=-1"), ("benchmarks.bandit", "--seed=99999999999999999999"),
+    ("benchmarks.bandit", "--seeds=1"), ("benchmarks.bandit", "--loop_steps=-3"),
+    ("benchmarks.char", "--learning_rate=inf"), ("benchmarks.char", "--learning_rate=nan"),
+    ("benchmarks.char", "--learning_rate=-1e-3"), ("benchmarks.char", "--tau=inf"), ("benchmarks.char", "--tau=nan"),
+    ("benchmarks.char", "--tau=0"), ("benchmarks.char", "--seed=-1"), ("benchmarks.char", "--batch=0"),
+    ("benchmarks.char", "--text_file=/nonexistent/tiny.txt"),
+    ("benchmarks.rollout", "--seed=-1"), ("benchmarks.rollout", "--threads=-1"), ("benchmarks.rollout", "--chunk=0"),
+    ("benchmarks.train_step", "--learning_rate=inf"), ("benchmarks.train_step", "--learning_rate=nan"),
+    ("benchmarks.train_step", "--learning_rate=-1e-5"), ("benchmarks.train_step", "--seed=-1"),
+    ("benchmarks.train_step", "--repeats=0"),
+]
+
+
+@pytest.mark.parametrize("module,flag", BAD_FLAGS, ids=[f"{m.split('.')[1]}{f}" for m, f in BAD_FLAGS])
+def test_benchmark_numeric_flags_exit_2(module, flag, capsys, monkeypatch):
+    import importlib
+    import os
+
+    # benchmarks.bandit sets XLA_FLAGS on import (setdefault); keep it out of later subprocesses.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main([flag])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0] and flag[2:].split("=")[0] in err[0], err
+    assert out.out == ""
