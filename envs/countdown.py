@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from envs.countdown_data import CountdownDataError, MissingDataError, read_rows  # noqa: F401
 from envs.safe_arith import evaluate
 
 SYSTEM_MESSAGE = (
@@ -226,29 +227,21 @@ def make_splits(num_train: int, seed: int = 0, *, num_test: int = TEST_SIZE, tes
 
 
 def load_parquet(path: str | Path, test_size: int = TEST_SIZE,
-                 with_solutions: bool = False) -> tuple[list[Problem], list[Problem]]:
+                 with_solutions: bool = False, *, name: str = "data") -> tuple[list[Problem], list[Problem]]:
     """(train, test) from the Countdown-Tasks-3to4 layout: columns nums (list of ints), target (int).
 
     `path` is the dataset root (GRPO-Zero reads `<root>/data`), a directory of parquet files, or one
     file. As in GRPO-Zero the LAST test_size rows are the test set. with_solutions runs the solver
-    on every row (~1 ms each); otherwise solution is None.
+    on every row (~1 ms each); otherwise solution is None. Bad data raises CountdownDataError (a
+    ValueError) with one line `<name>=<file> is invalid; <problem>` (envs.countdown_data).
     """
-    import pyarrow.parquet as pq  # only this loader needs pyarrow
-
-    path = Path(path)
-    source = path / "data" if (path / "data").is_dir() else path
-    if not source.exists():
-        raise FileNotFoundError(f"no Countdown parquet at {source}")
-    table = pq.read_table(source)
-    missing = [c for c in ("nums", "target") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{source} lacks column(s) {missing}; need 'nums' (list of ints) and 'target' (int)")
-    if not 0 < test_size < table.num_rows:
-        raise ValueError(f"test_size={test_size} is invalid for {table.num_rows} rows; need 0 < test_size < rows")
-    problems = []
-    for nums, target in zip(table.column("nums").to_pylist(), table.column("target").to_pylist()):
-        nums = tuple(int(x) for x in nums)
-        problems.append(Problem(nums, int(target), solve(nums, target) if with_solutions else None))
+    if isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1:
+        raise ValueError(f"test_size={test_size!r} is invalid; need an integer >= 1")
+    source, rows = read_rows(path, name=name)
+    if len(rows) <= test_size:
+        raise CountdownDataError(f"{name}={source} is invalid; it has {len(rows)} rows, need more than "
+                                 f"test_size={test_size}")
+    problems = [Problem(nums, target, solve(nums, target) if with_solutions else None) for nums, target in rows]
     return problems[:-test_size], problems[-test_size:]
 
 

@@ -203,16 +203,7 @@ def test_parquet_round_trip_takes_the_last_rows_as_test(tmp_path):
     assert cd.reward(cd.sft_completion(test[0]), test[0].nums, test[0].target) == pytest.approx(1.1)
 
 
-def test_parquet_errors(tmp_path):
-    problems = cd.generate_problems(5)
-    with pytest.raises(FileNotFoundError, match="no Countdown parquet"):
-        cd.load_parquet(tmp_path / "missing")
-    _write(tmp_path / "small.parquet", problems)
-    with pytest.raises(ValueError, match="test_size=128 is invalid for 5 rows"):
-        cd.load_parquet(tmp_path / "small.parquet")
-    pq.write_table(pa.table({"numbers": [[1, 2]], "target": [3]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="lacks column"):
-        cd.load_parquet(tmp_path / "bad.parquet", test_size=1)
+# Bad parquet input (one-line CountdownDataError for every class of problem): test_countdown_data.py.
 
 
 # --------------------------------------------------------------------------------------------
