@@ -106,24 +106,25 @@ def build(cfg: CharConfig):
     return data, params, fns
 
 
-def make_testbed(cfg: CharConfig, data, params, fns) -> xl.NextTokenTestbed:
+def make_driver(cfg: CharConfig) -> tuple[Driver, chartext.CharData]:
+    """The run directory checked first (nothing built before), then data, model, testbed, driver."""
+    run_dir = prepare_run(cfg, "char")
+    data, params, fns = build(cfg)
+    check(len(data.train) > cfg.context and len(data.validation) > cfg.context,
+          f"context={cfg.context} is invalid; the text's splits have {len(data.train)} and "
+          f"{len(data.validation)} characters, need more than one context")
+
     def windows(limit: int):
         ids = data.validation[: limit + cfg.context] if limit else data.validation
         return chartext.eval_windows(ids, cfg.context, batch=cfg.eval_batch)
 
-    return xl.NextTokenTestbed(cfg, fns, params, windows, total_steps=cfg.steps)
+    return Driver(xl.NextTokenTestbed(cfg, fns, params, windows, total_steps=cfg.steps), cfg, run_dir), data
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = parse_flags(CharConfig, argv, presets=PRESETS, prog=PROG)
     try:
-        run_dir = prepare_run(cfg, "char")
-        data, params, fns = build(cfg)
-        check(len(data.train) > cfg.context and len(data.validation) > cfg.context,
-              f"context={cfg.context} is invalid; the text's splits have {len(data.train)} and "
-              f"{len(data.validation)} characters, need more than one context")
-        testbed = make_testbed(cfg, data, params, fns)
-        driver = Driver(testbed, cfg, run_dir)
+        driver, data = make_driver(cfg)
     except (chartext.DataUnavailableError, RunError, ValueError) as e:
         print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -135,6 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         driver.close()
         print(f"stopped at step {driver.step}; resume with --resume", file=sys.stderr)
         raise SystemExit(128 + driver.stopped)
+    testbed, fns = driver.testbed, driver.testbed.fns
     final = testbed.evaluate(driver.state, limit=0)
     sampler = xl.make_text_sampler(fns.logits_fn, cfg.context, cfg.sample_chars)
     prompt = jnp.asarray(data.validation[: cfg.context])
@@ -149,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         driver.logger.text(driver.step, "sample", text)
     driver.close()
     return dict(final=final, ladder=ladder, history=result.history, sample=text, state=driver.state,
-                run_dir=run_dir.path)
+                run_dir=driver.run_dir.path)
 
 
 if __name__ == "__main__":

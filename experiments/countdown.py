@@ -176,13 +176,18 @@ def load_hf(model_dir: str):
     return tok, model, stops
 
 
+def make_driver(cfg: CountdownConfig) -> Driver:
+    """The run directory checked first (nothing built before), then the model, task and driver."""
+    run_dir = prepare_run(cfg, "countdown")
+    policy, params, task = build(cfg)
+    return Driver(LanguageTestbed(cfg, policy, params, task), cfg, run_dir)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = parse_flags(CountdownConfig, argv, presets=PRESETS, prog=PROG)
     try:
-        run_dir = prepare_run(cfg, "countdown")
-        policy, params, task = build(cfg)
         # A bad checkpoint is a bad --model value, a bad parquet a bad --data value: one line, exit 2.
-        driver = Driver(LanguageTestbed(cfg, policy, params, task), cfg, run_dir)
+        driver = make_driver(cfg)
     except (ModelError, RunError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -203,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if driver.stopped is not None:
         print(f"stopped at step {driver.step}; resume with --resume", file=sys.stderr)
         raise SystemExit(128 + driver.stopped)
-    return dict(before=before, after=after, history=history, driver=driver, run_dir=run_dir.path)
+    return dict(before=before, after=after, history=history, driver=driver, run_dir=driver.run_dir.path)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ class Driver:
         self.checkpointer = self.logger = None
         self.nonfinite_logged = 0
         self.stopped: Optional[int] = None  # the signal that stopped the run, if one did
+        self.start_step = 0  # where this process started: 0, or the step a resume restored
         if run_dir.path:
             from rlsoft.checkpoint import Checkpointer
 
@@ -255,7 +256,7 @@ class Driver:
             print(f"resume: no checkpoint in {self.run_dir.path} yet; starting at step 0", file=sys.stderr)
             return
         self.state, meta = restored
-        self.step = int(meta["step"])
+        self.step = self.start_step = int(meta["step"])
         for k, (old, new) in self.run_dir.overridden.items():
             print(f"resume: {k} overridden ({old!r} -> {new!r})", file=sys.stderr)
         print(f"resumed {self.run_dir.path} at step {self.step}", file=sys.stderr)
@@ -266,7 +267,7 @@ class Driver:
             from rlsoft.logger import TensorBoardLogger
 
             # purge_step drops events a killed run logged after its last checkpoint.
-            self.logger = TensorBoardLogger(self.run_dir.path, purge_step=self.step if self.cfg.resume else None)
+            self.logger = TensorBoardLogger(self.run_dir.path, purge_step=self.start_step if self.cfg.resume else None)
         return self.logger
 
     def _log(self, step: int, metrics: Mapping[str, Any]) -> None:

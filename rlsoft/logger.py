@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Mapping
 
 import numpy as np
@@ -19,7 +20,9 @@ class TensorBoardLogger:
         self.path = os.path.join(logdir, run_name) if run_name else logdir
         os.makedirs(self.path, exist_ok=True)
         # purge_step: a resumed run hides the events its killed predecessor wrote at steps >= it.
-        self._writer = SummaryWriter(self.path, flush_secs=30, purge_step=purge_step)
+        # A suffix unique to this writer: a resumed run in the same second must not overwrite the file.
+        suffix = f".{os.getpid()}.{time.time_ns()}"
+        self._writer = SummaryWriter(self.path, flush_secs=30, purge_step=purge_step, filename_suffix=suffix)
         self.nonfinite = 0  # non-finite scalars written (as NaN)
 
     def scalars(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import char as char_exp
-from rlsoft import exhaustive, exhaustive_loop as xl, monitors
+from rlsoft import exhaustive, exhaustive_loop as xl, monitors, optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -29,7 +29,7 @@ def _task(kl=False):
         return jax.nn.one_hot(targets, V) + 0.1 * jnp.cos(contexts[:, -1:] + jnp.arange(V))
 
     ref = (lambda contexts: jax.nn.log_softmax(jnp.sin(contexts[:, -1:] * 1.0 + jnp.arange(V)))) if kl else None
-    return xl.Task(logits_fn, batch_fn, reward_fn, ref)
+    return xl.NextTokenFns(logits_fn, batch_fn, reward_fn, ref)
 
 
 def _params():
@@ -54,42 +54,46 @@ def test_clipping_stops_the_gradient_outside_the_trust_region():
     np.testing.assert_allclose(g, 0.0, atol=1e-7)
 
 
-def test_chunk_equals_step_by_step_and_does_not_recompile():
-    cfg = xl.ExhaustiveConfig(scheme="softmax", tau=0.5, learning_rate=0.05, lag_every=2, kl_coef=0.1,
+def _adam(rate):
+    return optim.OptimizerConfig(name="adam", learning_rate=rate)
+
+
+def test_chunk_equals_step_by_step_and_does_not_recompile(count_compiles):
+    cfg = xl.ExhaustiveConfig(scheme="softmax", tau=0.5, policy=_adam(0.05), lag_every=2, kl_coef=0.1,
                               entropy_coef=0.01)
     mcfg = monitors.MonitorConfig(window=4, min_steps=1)
     task = _task(kl=True)
-    key = jax.random.PRNGKey(7)
+    data_key, explore_key = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
     run = xl.make_train_chunk(task, cfg, mcfg, chunk=5)
-    state, metrics = run(xl.init_state(_params(), cfg, mcfg), key)
+    state, metrics = run(xl.init_state(_params(), cfg, mcfg), data_key, explore_key)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
-    def step(s, k):
-        return xl.train_step(s, k, task=task, cfg=cfg, monitor_cfg=mcfg)
+    def step(s, batch, k):
+        return xl.train_step(s, batch, k, task=task, cfg=cfg, monitor_cfg=mcfg)
 
     ref = xl.init_state(_params(), cfg, mcfg)
     for t in range(5):
-        ref, m = step(ref, jax.random.fold_in(key, t))
-        np.testing.assert_allclose(metrics["loss"][t], m["loss"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(metrics["kl_ref"][t], m["kl_ref"], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+        ref, m = step(ref, task.batch_fn(jax.random.fold_in(data_key, t)), jax.random.fold_in(explore_key, t))
+        np.testing.assert_allclose(metrics["train/loss"][t], m["train/loss"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(metrics["train/kl_ref"][t], m["train/kl_ref"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(state.params("policy")), jax.tree.leaves(ref.params("policy"))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    state, _ = run(state, key)
-    assert run._cache_size() == 1 and int(state.step) == 10
+    with count_compiles() as compiled:
+        state, _ = run(state, data_key, explore_key)
+    assert compiled == [] and int(state.step) == 10
     # lag_every=2: after 10 steps the lagged policy equals the current one.
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.lag_params)):
+    for a, b in zip(jax.tree.leaves(state.params("policy")), jax.tree.leaves(state.params("lagged"))):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("mode", ["exhaustive", "sampled"])
 def test_training_raises_the_expected_reward(mode):
-    cfg = xl.ExhaustiveConfig(scheme="softmax", tau=0.3, mode=mode, mixing="pi", learning_rate=0.1,
-                              clip_eps=0.0)
+    cfg = xl.ExhaustiveConfig(scheme="softmax", tau=0.3, mode=mode, mixing="pi", policy=_adam(0.1), clip_eps=0.0)
     mcfg = monitors.MonitorConfig()
     run = xl.make_train_chunk(_task(), cfg, mcfg, chunk=60)
-    _, metrics = run(xl.init_state(_params(), cfg, mcfg), jax.random.PRNGKey(3))
-    r = np.asarray(metrics["expected_reward"])
+    _, metrics = run(xl.init_state(_params(), cfg, mcfg), jax.random.PRNGKey(3), jax.random.PRNGKey(4))
+    r = np.asarray(metrics["train/expected_reward"])
     assert r[-10:].mean() > r[:10].mean() + 0.1
 
 
@@ -100,29 +104,97 @@ def test_invalid_config(field, value):
         dataclasses.replace(xl.ExhaustiveConfig(), **{field: value})
 
 
+SMOKE = ["--preset=smoke", f"--text_file={TEXT}"]
+
+
 @pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
 def test_experiment_smoke(tmp_path, capsys):
-    result = char_exp.main(["--preset=smoke", f"--text_file={TEXT}", f"--logdir={tmp_path}", "--kl_coef=0.05",
-                            "--entropy_coef=0.01"])
+    result = char_exp.main([*SMOKE, f"--logdir={tmp_path}", "--kl_coef=0.05", "--entropy_coef=0.01"])
     out = capsys.readouterr().out
-    assert "n-gram reference" in out and "char GPT, RL" in out and "sample:" in out
+    assert "n-gram reference" in out and "char GPT, RL" in out and "sample:" in out and "perplexity" in out
     assert np.isfinite(result["final"]["eval/cross_entropy"])
+    np.testing.assert_allclose(result["final"]["eval/perplexity"], np.exp(result["final"]["eval/cross_entropy"]))
     assert len(result["sample"]) == 40
-    assert [h["step"] for h in result["history"]] == [10, 20]
+    assert [h["step"] for h in result["history"]] == list(range(20))
+    assert [h["step"] for h in result["history"] if "eval/top1" in h] == [9, 19]
     from rlsoft.logger import read_scalars
 
-    tags = read_scalars(str(tmp_path))
-    for tag in ("loss", "entropy", "kl_ref", "weights/effective_n", "health/calibration_error",
-                "health/collapse_share", "health/grad_norm_var", "eval/top1", "eval/cross_entropy"):
+    run_dirs = os.listdir(tmp_path)
+    assert len(run_dirs) == 1 and run_dirs[0].startswith("char-softmax-tau0.5-seed0-")
+    tags = read_scalars(str(tmp_path / run_dirs[0]))
+    for tag in ("train/loss", "train/entropy", "train/kl_ref", "train/weights/effective_n", "train/skipped_updates",
+                "health/calibration_error", "health/collapse_share", "health/grad_norm_var", "eval/top1",
+                "eval/cross_entropy", "eval/perplexity"):
         assert tag in tags, tag
+    assert [s for s, _ in tags["train/loss"]] == list(range(20))
 
 
 @pytest.mark.parametrize("flag", ["--scheme=nope", "--mode=x", "--context=0", "--text_file=/nonexistent/file.txt",
-                                  "--bogus=1"])
-def test_bad_flags_exit_2(flag, capsys):
+                                  "--bogus=1", "--model_preset=huge", "--smoothing=nan", "--smoothing=-1",
+                                  "--learning_rate=nan", "--policy.b1=1.0", "--resume", "--chunk=0"])
+def test_bad_flags_exit_2_with_one_line(flag, capsys):
     with pytest.raises(SystemExit) as e:
-        char_exp.main(["--preset=smoke", flag])
-    assert e.value.code == 2 or "error" in str(e.value.code)
+        char_exp.main(["--preset=smoke", f"--text_file={TEXT}", flag])
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    msg = err[-1] if err else str(e.value.code)
-    assert "error" in msg and len(err) <= 1
+    assert len(err) == 1 and err[0].startswith("python -m experiments.char: error:"), err
+
+
+def test_text_shorter_than_a_context_exits_2(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("abc\n" * 3)
+    with pytest.raises(SystemExit) as e:
+        char_exp.main(["--preset=smoke", f"--text_file={short}", "--context=32"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0], err
+
+
+def _subprocess(flags, mode, out, *extra):
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "run_experiment.py"), "char", json.dumps(flags), mode,
+                           str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
+def test_killed_and_resumed_run_ends_with_bit_identical_params(tmp_path):
+    flags = [*SMOKE, "--steps=20", "--chunk=5", "--checkpoint_every=5", "--eval_every=0", "--kl_coef=0.05"]
+    ref = _subprocess(flags, "full", tmp_path / "ref.npz")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_flags = flags + [f"--logdir={tmp_path / 'runs'}", "--run_name=r"]
+    killed = _subprocess(run_flags, "kill", tmp_path / "unused.npz", "10")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _subprocess(run_flags + ["--resume"], "full", tmp_path / "resumed.npz")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 10" in resumed.stderr
+    with np.load(tmp_path / "ref.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+        assert sorted(a.files) == sorted(b.files) and int(b["step"]) == 20
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
+def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "experiments.char", *SMOKE, "--steps=100000", "--chunk=5", "--checkpoint_every=0",
+           "--eval_every=0", f"--logdir={tmp_path}", "--run_name=r"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "r"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (events.exists() and any(p.name.startswith("events") for p in events.iterdir())):
+        time.sleep(0.5)  # the event file appears once the first chunk is logged
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "resume with --resume" in err
+    steps = [int(p.name) for p in (events / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] % 5 == 0 and steps[0] > 0

@@ -25,21 +25,27 @@ def test_smoke_run_logs_every_metric(tmp_path, capsys):
                                    "--sl_weight=0.5", "--kl_coef=0.01", "--entropy_coef=0.001"))
     out = capsys.readouterr().out
     assert "eval success before RL" in out and "eval success after RL" in out
-    assert 0.0 <= result["after"] <= 1.0
-    scalars = read_scalars(str(logdir))
-    for tag in ("train/reward", "train/success", "train/format", "train/reward_std", "loss", "grad_norm",
-                "entropy", "kl", "sl_loss", "response_length", "tau", "tokens_per_s", "eval/success",
-                "weights/effective_n", "weights/zero_std_frac", "linear/max_weight", "softmax/effective_n",
-                "softmax/weight_on_best", "linear/entropy"):
+    assert [h["step"] for h in result["history"]] == [0, 1, 2, 3]
+    assert [h["step"] for h in result["history"] if "eval/success" in h] == [1, 3]
+    assert result["after"] == result["history"][-1]["eval/success"]  # greedy eval: the same policy, same score
+    scalars = read_scalars(result["run_dir"])
+    for tag in ("train/reward", "train/success", "train/format", "train/reward_std", "train/loss", "train/grad_norm",
+                "train/entropy", "train/kl", "train/sl_loss", "train/completions/mean_length", "train/tau",
+                "train/tokens_per_s", "eval/success", "train/weights/effective_n", "train/frac_reward_zero_std",
+                "train/clip_ratio/region_mean", "train/skipped_updates", "diag/linear/max_weight",
+                "diag/softmax_tau0.5/effective_n", "diag/softmax_tau0.5/weight_on_best", "diag/linear/entropy",
+                "sft/loss", "sft/grad_norm"):
         assert tag in scalars, tag
-    steps = [s for s, _ in scalars["train/reward"]]
-    assert steps == [2, 3]  # RL steps follow the two warm-start steps
-    assert all(np.isfinite(v) for _, v in scalars["loss"])
+    assert [s for s, _ in scalars["train/reward"]] == [2, 3]  # RL steps follow the two warm-start steps
+    assert [s for s, _ in scalars["sft/loss"]] == [0, 1]
+    assert all(np.isfinite(v) for _, v in scalars["train/loss"])
 
 
 @pytest.mark.parametrize("flag", ["--scheme=nope", "--tau=0", "--tau=hot", "--group_size=1", "--bogus=1",
                                   "--model=/nonexistent", "--micro_batches=3", "--tau_schedule=cubic",
-                                  "--steps=-1", "--sizes=7"])
+                                  "--steps=-1", "--sizes=7", "--learning_rate=nan", "--adam_b1=1.0",
+                                  "--policy.b2=1.5", "--policy.bogus=1", "--temperature=-1", "--resume",
+                                  "--resume_override=tau", "--logdir=/proc/forbidden"])
 def test_bad_flags_exit_2_with_one_line(flag, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         countdown.main(_flags(tmp_path, flag))
@@ -48,28 +54,10 @@ def test_bad_flags_exit_2_with_one_line(flag, capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("python -m experiments.countdown: error:"), err
 
 
-_RUN = """
-import os, signal, sys, json
-import numpy as np, jax
-from experiments import countdown
-flags = json.loads(sys.argv[1]); mode = sys.argv[2]; out = sys.argv[3]
-cfg = countdown.parse_flags(countdown.CountdownConfig, flags, presets=countdown.PRESETS)
-policy, params, task = countdown.build(cfg)
-loop = countdown.Loop(cfg, policy, params, task)
-if mode == "kill":
-    loop.run(until=int(sys.argv[4]))
-    os.kill(os.getpid(), signal.SIGKILL)  # a hard stop right after a checkpoint
-loop.run()
-loop.close()
-np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(loop.state.params)], step=loop.step)
-print(json.dumps({"devices": jax.device_count()}))
-"""
-
-
-def _subprocess(flags, mode, out, *extra, devices=1):
+def _subprocess(flags, mode, out, *extra, devices=1, experiment="countdown"):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-c", _RUN, json.dumps(flags), mode, str(out), *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "run_experiment.py"), experiment, json.dumps(flags),
+                           mode, str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _load(path):
@@ -81,12 +69,12 @@ def test_killed_and_resumed_run_ends_with_the_same_params(tmp_path):
     flags = _flags(tmp_path, "--steps=3", "--sft_steps=2", "--checkpoint_every=1", "--eval_every=0")
     ref = _subprocess(flags, "full", tmp_path / "ref.npz")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    run_flags = flags + [f"--logdir={tmp_path / 'resumed'}", "--resume=true"]
+    run_flags = flags + [f"--logdir={tmp_path / 'runs'}", "--run_name=r"]
     killed = _subprocess(run_flags, "kill", tmp_path / "unused.npz", "3")
-    assert killed.returncode == -9  # SIGKILL
-    resumed = _subprocess(run_flags, "full", tmp_path / "resumed.npz")
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
+    resumed = _subprocess(run_flags + ["--resume"], "full", tmp_path / "resumed.npz")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step 3" in resumed.stderr
+    assert "at step 3" in resumed.stderr
     a, b = _load(tmp_path / "ref.npz"), _load(tmp_path / "resumed.npz")
     assert len(a) == len(b)
     for x, y in zip(a, b):
