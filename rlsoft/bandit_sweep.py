@@ -6,9 +6,11 @@ follows the weighted log-likelihood gradient
 
     L(logits) = -(1/G) sum_i w_i log pi(a_i),      w = stop_gradient(weights(r; scheme, tau)),
 
-through an optax transformation (SGD or Adam), scaled by a learning rate. The task is given as a
-pytree `env` and a pure `reward_fn(env, key, actions) -> rewards` plus `values_fn(env) -> [K]` (the
-expected reward of each action, for p(best) and the expected return); this module knows no task.
+with plain SGD or Adam from the project's one optimizer builder (`rlsoft.optim.make_optimizer`:
+no clipping, the learning rate a traced sweep value, inside its non-finite guard). The task is
+given as a pytree `env` and a pure `reward_fn(env, key, actions) -> rewards` plus
+`values_fn(env) -> [K]` (the expected reward of each action, for p(best) and the expected return);
+this module knows no task.
 
 `run` is a whole training run as one `lax.scan`; `sweep` vmaps it over seeds and over a grid of
 (scheme, tau, learning rate), so one compiled call covers the whole comparison. Schemes are
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlsoft import weighting
+from rlsoft import optim, weighting
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -65,19 +67,19 @@ def make_hparams(schemes, taus, learning_rates) -> HParams:
     return HParams(jnp.asarray(idx, jnp.int32), jnp.asarray(tau, jnp.float32), jnp.asarray(lr, jnp.float32))
 
 
-def base_optimizer(name: str) -> optax.GradientTransformation:
-    """The optimizer without its learning rate, so that the rate can be a traced sweep value."""
-    if name == "sgd":
-        return optax.identity()
-    if name == "adam":
-        return optax.scale_by_adam()
-    raise ValueError(f"optimizer={name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+def make_optimizer(name: str, learning_rate: Any = 1.0) -> optax.GradientTransformation:
+    """`rlsoft.optim.make_optimizer` for the sweep: plain SGD (no momentum) or Adam (Kingma & Ba,
+    2015; optim's default b1, b2, eps), no gradient clipping, at `learning_rate`, which may be a
+    traced sweep value. The update is -learning_rate * (the gradient, or Adam's direction)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+    return optim.make_optimizer(optim.OptimizerConfig(name=name, grad_clip=0.0), learning_rate=learning_rate)
 
 
 def init_state(num_actions: int, optimizer: str) -> PolicyState:
-    """Uniform policy (zero logits), fresh optimizer state."""
+    """Uniform policy (zero logits), fresh optimizer state (it does not depend on the rate)."""
     logits = jnp.zeros((num_actions,), jnp.float32)
-    return PolicyState(logits, base_optimizer(optimizer).init(logits))
+    return PolicyState(logits, make_optimizer(optimizer).init(logits))
 
 
 def _block_size(num_actions: int) -> int:
@@ -152,7 +154,7 @@ def policy_step(
     rewards = reward_fn(env, reward_key, actions)
     weights = weighting.compute_weights_by_index(rewards, hp.scheme_index, hp.tau)
     grads = weighted_nll_grad(probs, actions, weights)
-    updates, opt_state = base_optimizer(optimizer).update(grads, state.opt_state, logits)
+    updates, opt_state = make_optimizer(optimizer, hp.learning_rate).update(grads, state.opt_state, logits)
 
     values = values_fn(env)
     record = {
@@ -163,8 +165,9 @@ def policy_step(
         "p_best": jnp.sum(jnp.where(values == jnp.max(values), probs, 0.0)),
         "expected_reward": jnp.dot(probs, values),
         "grad_norm": jnp.sqrt(jnp.sum(grads * grads)),
+        "skipped_updates": optim.skipped_updates(opt_state),
     }
-    return PolicyState(logits - hp.learning_rate * updates, opt_state), record
+    return PolicyState(optax.apply_updates(logits, updates), opt_state), record
 
 
 def step_metrics(record: dict[str, chex.Array], env: Any, values_fn: ValuesFn) -> dict[str, chex.Array]:
@@ -176,6 +179,7 @@ def step_metrics(record: dict[str, chex.Array], env: Any, values_fn: ValuesFn) -
         "p_best": record["p_best"],
         "expected_reward": record["expected_reward"],
         "grad_norm": record["grad_norm"],
+        "skipped_updates": record["skipped_updates"].astype(jnp.float32),
         "reward_mean": jnp.mean(r),
         "n_best_sampled": jnp.sum(best[record["actions"]]).astype(jnp.float32),
         "loss": -jnp.mean(w * record["logp_actions"]),
