@@ -1,4 +1,4 @@
-"""Sparse multi-armed bandits (seed 001's fallback testbed): K arms, few of them pay.
+"""Sparse multi-armed bandits (a cheap, exactly solvable testbed for weighting schemes): K arms, few of them pay.
 
 A bandit is a pytree `Bandit(payouts: [K], noise_std: scalar)`. Pulling arm a pays
 `payouts[a] + noise_std * N(0, 1)`. By default exactly one arm, drawn uniformly per seed, pays 1

@@ -7,7 +7,7 @@ the bonus carrying "a scaling factor". For one context x with ground-truth next 
 candidate c in {0, ..., V - 1}:
 
     exact(c)  = 1[c == y]
-    bonus     = min(1 + s * sg(p_theta(y | x)), cap)                     (issue 5's exact form)
+    bonus     = min(1 + s * sg(p_theta(y | x)), cap)                     (a capped confidence bonus)
     ngram(c)  = one of, by `ngram_mode` (p_n = the add-k order-n model of envs.ngram,
                 given the last n - 1 characters of x):
                   "log_prob": log p_n(c | x)                                in (-inf, 0]

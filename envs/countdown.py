@@ -1,4 +1,4 @@
-"""Countdown (issue 4): combine 3-4 numbers with + - * / into an expression equal to a target.
+"""Countdown (as in TinyZero / GRPO-Zero): combine 3-4 numbers with + - * / into an expression equal to a target.
 
 GRPO-Zero compatible (github.com/policy-gradient/GRPO-Zero, `countdown_task.py`):
   * Prompt: SYSTEM_MESSAGE and USER_TEMPLATE as chat messages, then the assistant turn is started

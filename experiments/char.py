@@ -1,4 +1,4 @@
-"""Character-level RL from random weights on tinyshakespeare (seed 002).
+"""Character-level RL from random weights on tinyshakespeare (exhaustive 65-way exploration).
 
     python -m experiments.char --scheme=softmax --tau=0.5 --text_file=../shared/data/tinyshakespeare.txt
 
@@ -7,7 +7,7 @@ context, all 65 next characters are scored at once (exact match with the data, c
 bigram model, a capped confidence bonus), weighted by the scheme, and the exact expected policy
 gradient is taken from one forward pass (`--mode=sampled` draws G characters instead). PPO-style
 clipping against a lagged policy, an entropy bonus and a KL to the bigram distribution regularise
-it; seed 002's health monitors warn on the console. Eval reports cross-entropy and top-1 accuracy
+it; the health monitors warn on the console. Eval reports cross-entropy and top-1 accuracy
 on the held-out split beside the n-gram ladder, and a text sample. Without --text_file the data
 comes from tensorflow-datasets (`tiny_shakespeare`), which needs a download.
 """

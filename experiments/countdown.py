@@ -1,4 +1,4 @@
-"""Countdown with a Qwen-style transformer: softmax reward weighting vs GRPO whitening (seeds 000/001).
+"""Countdown with a Qwen-style transformer: softmax reward weighting vs GRPO whitening (the AWR / Boltzmann view).
 
     python -m experiments.countdown --tau=0.5                 # tiny model, CPU, ~minutes
     python -m experiments.countdown --scheme=linear           # the GRPO baseline

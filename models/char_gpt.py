@@ -1,4 +1,4 @@
-"""GPT-2-style character language model in Flax NNX (the policy of issue 5 / seed 002).
+"""GPT-2-style character language model in Flax NNX (the policy of the char RL testbed).
 
 Architecture (GPT-2, Radford et al. 2019; the layout of nanoGPT's `model.py`), d = n_embd, L = n_layer:
 
@@ -44,7 +44,7 @@ from flax import nnx
 from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
 from models.matmul import dense_dot_general
 
-_NEG = float(jnp.finfo(jnp.float32).min)
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +94,24 @@ class CharGPTConfig(DtypeFields):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CharGPTConfig":
-        if name not in PRESETS:
-            raise ValueError(f"preset={name!r} is unknown; allowed: {', '.join(PRESETS)}")
+        """A preset with `overrides`; an unknown preset or field is a one-line ValueError."""
+        validate_preset(name)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{unknown[0]}={overrides[unknown[0]]!r} is invalid; not a CharGPTConfig field")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def validate_preset(name: str, flag: str = "preset") -> None:
+    """Pure early check of a preset name (e.g. an experiment's --model_preset): one-line ValueError."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"{flag}={name!r} is unknown; allowed: {', '.join(PRESETS)}")
 
 
 PRESETS = {
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=8),  # tests: ~15k params
     "cpu": dict(n_layer=4, n_head=4, n_embd=96, block_size=64),  # ~0.46M, the CPU default
-    "20m": dict(n_layer=8, n_head=7, n_embd=448, block_size=256),  # ~19.5M, seed 002's size
+    "20m": dict(n_layer=8, n_head=7, n_embd=448, block_size=256),  # ~19.5M, the size of a small char GPT
 }
 
 
@@ -139,7 +148,7 @@ class CausalSelfAttention(nnx.Module):
         scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         causal = jnp.tril(jnp.ones((t, t), bool))
-        p = jax.nn.softmax(jnp.where(causal, scores, _NEG), axis=-1)
+        p = jax.nn.softmax(jnp.where(causal, scores, MASK_VALUE), axis=-1)
         o = jnp.einsum("bhts,bshd->bthd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return self.c_proj(o.astype(x.dtype).reshape(b, t, d))
 

@@ -46,7 +46,7 @@ from flax import nnx
 from models.dtypes import DTYPES, DtypeFields  # noqa: F401  (DTYPES re-exported)
 from models.matmul import dense_dot_general
 
-_NEG = float(jnp.finfo(jnp.float32).min)  # HF's masked value; a fully masked row stays finite.
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # HF's masked value; a fully masked row stays finite.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,7 @@ def _attend(q, segments, scale):
     for k, v, mask in segments:
         spec = "bgtkrd,bskd->bgkrts" if k.ndim == 4 else "bgtkrd,bgskd->bgkrts"
         s = jnp.einsum(spec, q, k, preferred_element_type=jnp.float32) * scale
-        scores.append(jnp.where(mask[:, :, None, None], s, _NEG))
+        scores.append(jnp.where(mask[:, :, None, None], s, MASK_VALUE))
     p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for k, v, _ in segments:

@@ -38,7 +38,7 @@ from flax import nnx
 from models import qwen2
 from rlsoft.rollout import DecodeFns
 
-_NEG = qwen2._NEG
+MASK_VALUE = qwen2.MASK_VALUE  # the same masked value in decode and training
 
 
 class DecodeCache(NamedTuple):
@@ -149,10 +149,10 @@ def _attend(q, pk, pv, pvalid, ks, vs, own, scale):
 
     f32 = jnp.float32
     s_p = jnp.einsum("bkmd,bkdp->bkmp", grouped(q).astype(pk.dtype), pk, preferred_element_type=f32) * scale
-    s_p = jnp.where(pvalid[:, None, None, :], s_p, _NEG)
+    s_p = jnp.where(pvalid[:, None, None, :], s_p, MASK_VALUE)
     qc = q.astype(ks[0].dtype)
     s_o = jnp.concatenate([jnp.einsum("bkrd,bkds->bkrs", qc, k, preferred_element_type=f32) for k in ks], -1)
-    s_o = jnp.where(own, s_o * scale, _NEG)
+    s_o = jnp.where(own, s_o * scale, MASK_VALUE)
     m = jnp.maximum(ungrouped(jnp.max(s_p, -1, keepdims=True)), jnp.max(s_o, -1, keepdims=True))  # [B,K,R,1]
     e_p, e_o = jnp.exp(s_p - grouped(m)), jnp.exp(s_o - m)
     z = ungrouped(jnp.sum(e_p, -1, keepdims=True)) + jnp.sum(e_o, -1, keepdims=True)

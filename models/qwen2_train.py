@@ -51,14 +51,14 @@ def _probs(q, k, mask, prefix, scale):
     (forward + backward) faster than qwen2._attend's concatenation on the tiny preset's update).
     """
     s_own = jnp.einsum("bgkrtd,bgksd->bgkrts", q, k, preferred_element_type=jnp.float32) * scale
-    s_own = jnp.where(mask[:, :, None, None], s_own, qwen2._NEG)
+    s_own = jnp.where(mask[:, :, None, None], s_own, qwen2.MASK_VALUE)
     m = jnp.max(s_own, axis=-1)  # [Bp,G,K,R,t]
     if prefix is None:
         e_own = jnp.exp(s_own - m[..., None])
         return e_own / jnp.sum(e_own, axis=-1, keepdims=True), None
     pk, _, valid = prefix
     s_pre = jnp.einsum("bkmd,bkpd->bkmp", _query_rows(q), pk, preferred_element_type=jnp.float32) * scale
-    s_pre = jnp.where(valid[:, None, None, :], s_pre, qwen2._NEG)
+    s_pre = jnp.where(valid[:, None, None, :], s_pre, qwen2.MASK_VALUE)
     m = jnp.maximum(m, _block_rows(jnp.max(s_pre, axis=-1), q.shape))
     e_own = jnp.exp(s_own - m[..., None])
     e_pre = jnp.exp(s_pre - _query_rows(m)[..., None])

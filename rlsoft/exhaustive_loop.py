@@ -1,4 +1,4 @@
-"""Compiled next-token RL from contexts (seed 002): exhaustive or sampled exploration, regularised.
+"""Compiled next-token RL from contexts (exact expectation over the whole vocabulary): exhaustive or sampled exploration, regularised.
 
 Each step draws a batch of contexts, asks the task for the reward of every next token (all V at
 once), turns them into weights with any `rlsoft.weighting` scheme and follows the exact

@@ -271,7 +271,7 @@ def policy_loss(logp, old_logp, mask, weights, cfg: PolicyLossConfig, ref_logp=N
     per response token), clip_frac (fraction of response tokens whose gradient the clip cut),
     ratio_mean, approx_kl_old (k3 estimate of KL(pi_old || pi), per token), num_tokens.
 
-    Teacher forcing + RL (seed 001): the trainer forms L = L_SL + lambda * L_RL from two forwards,
+    Teacher forcing + RL (supervised loss on ground truth beside the policy loss): the trainer forms L = L_SL + lambda * L_RL from two forwards,
     L_RL = policy_loss(...) on the sampled responses and L_SL = sft_loss(logp_demo, mask_demo) on
     the teacher-forced demonstration tokens, each normalised by its own token count, and
     differentiates the sum once; lambda (a trainer flag) sets the RL share. No helper is needed.

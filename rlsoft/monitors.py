@@ -1,4 +1,4 @@
-"""Training-health monitors of seed 002: calibration error, confidence collapse, gradient stability.
+"""Training-health monitors for RL from random weights: calibration error, confidence collapse, gradient stability.
 
 Seed 002 ("a health monitor to my strategy") adds three warning metrics:
   * calibration error: is confidence matching accuracy?
@@ -47,7 +47,7 @@ class MonitorConfig:
 
     window: int = 50  # W, steps kept
     min_steps: int = 10  # no warnings before the window holds this many steps
-    collapse_confidence: float = 0.8  # a step "collapsed" when its mean confidence > this (seed 002)
+    collapse_confidence: float = 0.8  # a step "collapsed" when its mean confidence > this (a confident policy stops exploring)
     max_collapse_share: float = 0.5
     max_calibration_error: float = 0.1
     max_grad_cv: float = 0.5

@@ -4,8 +4,8 @@ One RL step of `rlsoft.train_loop` is rollout -> reward -> weights -> update. Th
 pure, jitted part: given a batch of prompts + sampled responses and their rewards (one group of G
 per question), it computes the per-sample weights with any `rlsoft.weighting` scheme, the
 teacher-forced log-probs, the token-level policy loss (`rlsoft.losses`: PPO clipping, KL to a
-frozen reference, entropy bonus), an optional supervised term on ground-truth solutions (seed
-001's teacher forcing: L = L_RL + sl_weight * L_SL), and applies AdamW with gradient clipping and
+frozen reference, entropy bonus), an optional supervised term on ground-truth solutions (teacher
+forcing beside RL: L = L_RL + sl_weight * L_SL), and applies AdamW with gradient clipping and
 warmup, accumulating gradients over micro-batches. A step whose loss or gradient is not finite is
 skipped (params and optimizer state unchanged) and counted.
 

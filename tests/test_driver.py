@@ -20,6 +20,7 @@ class ToyConfig(RunConfig):
     rate: float = 1.0
     steps: int = 10
     chunk: int = 1
+    width: int = 1  # the "model size": the shape of the parameters
     checkpoint_every: int = 3
     eval_every: int = 4
     progress: bool = False
@@ -37,7 +38,7 @@ class ToyTestbed:
 
     def init_state(self):
         tx = optim.make_optimizer(optim.OptimizerConfig(name="sgd", learning_rate=1.0))
-        return roles.TrainState.create({"policy": roles.trainable({"w": jnp.zeros(())}, tx)})
+        return roles.TrainState.create({"policy": roles.trainable({"w": jnp.zeros(()), "v": jnp.zeros(self.cfg.width)}, tx)})
 
     def steps_per_call(self):
         return self.cfg.chunk
@@ -48,7 +49,7 @@ class ToyTestbed:
     def train(self, state, step, n, keys):
         self.calls.append((step, n))
         policy = state.roles["policy"]
-        policy = policy._replace(params={"w": policy.params["w"] + self.cfg.rate * n})
+        policy = policy._replace(params={**policy.params, "w": policy.params["w"] + self.cfg.rate * n})
         x = np.arange(step, step + n, dtype=np.float64)
         if self.nan_at is not None and step <= self.nan_at < step + n:
             x[self.nan_at - step] = np.nan
@@ -176,3 +177,16 @@ def test_keys_are_named_streams_of_the_seed():
     want = jax.random.split(jax.random.PRNGKey(3), 2)
     np.testing.assert_array_equal(d.keys["data"], want[0])
     np.testing.assert_array_equal(d.keys["eval"], want[1])
+
+
+def test_resume_with_another_model_size_is_one_line_naming_the_field(tmp_path):
+    cfg = ToyConfig(logdir=str(tmp_path), run_name="r")
+    d = _driver(cfg)
+    d.run(until=3)
+    d.close()
+    bigger = dataclasses.replace(cfg, resume=True, width=4)
+    with pytest.raises(RunError, match=r"width differs from the checkpoint \(1 -> 4\)"):
+        prepare_run(bigger, "toy")
+    with pytest.raises(RunError) as e:  # overridden, the parameters themselves cannot be restored
+        _driver(dataclasses.replace(bigger, resume_override=("width",)))
+    assert "\n" not in str(e.value) and "shape" in str(e.value) and "v" in str(e.value)

@@ -67,11 +67,11 @@ def _reference_attention(q, k, v, mask, prefix, scale):
     """Plain softmax over the concatenated [prefix, own] scores with `where` masking; autodiff of
     this is the reference for the hand-written VJP (shapes as qwen2_train._probs)."""
     s = jnp.einsum("bgkrtd,bgksd->bgkrts", q, k) * scale
-    segments = [(jnp.where(mask[:, :, None, None], s, qwen2._NEG), v[:, :, :, None])]
+    segments = [(jnp.where(mask[:, :, None, None], s, qwen2.MASK_VALUE), v[:, :, :, None])]
     if prefix is not None:
         pk, pv, valid = prefix
         sp = jnp.einsum("bgkrtd,bkpd->bgkrtp", q, pk) * scale
-        segments.insert(0, (jnp.where(valid[:, None, None, None, None], sp, qwen2._NEG), pv[:, None, :, None]))
+        segments.insert(0, (jnp.where(valid[:, None, None, None, None], sp, qwen2.MASK_VALUE), pv[:, None, :, None]))
     p = jax.nn.softmax(jnp.concatenate([z for z, _ in segments], axis=-1), axis=-1)
     parts = jnp.split(p, np.cumsum([z.shape[-1] for z, _ in segments])[:-1], axis=-1)
     return sum(jnp.einsum("bgkrts,bgkrsd->bgkrtd", pp, vv) for pp, (_, vv) in zip(parts, segments))
