@@ -24,7 +24,8 @@ nanoGPT's `data/shakespeare_char/prepare.py`: 65 characters for tinyshakespeare,
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, NamedTuple
+import os
+from typing import Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,38 @@ class DataUnavailableError(RuntimeError):
     """The text could not be obtained (TFDS unavailable, file missing); the message is one line."""
 
 
+class TextFileError(DataUnavailableError, ValueError):
+    """A text file that is missing, unreadable, not UTF-8 or too small (one line). Also a ValueError,
+    so that a config's `__post_init__` may raise it through `validate_text_file` as a bad flag."""
+
+
+def validate_text_file(path: str, flag: str = "--text_file") -> None:
+    """Cheap early check (no read) that `path` is a readable regular file: TextFileError if not."""
+    if not os.path.exists(path):
+        raise TextFileError(f"{flag}={path} is invalid; no such file")
+    if not os.path.isfile(path):
+        raise TextFileError(f"{flag}={path} is invalid; not a regular file")
+    if not os.access(path, os.R_OK):
+        raise TextFileError(f"{flag}={path} is invalid; not readable")
+
+
+def validate_text(length: int, context: int, what: str = "the text") -> None:
+    """A text of `length` characters holds at least one window of `context` characters and the
+    character after it (length > context); a one-line ValueError if not. Pure: check the split
+    lengths before anything is compiled."""
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
+        raise ValueError(f"context={context} is invalid; need an integer >= 0")
+    if length <= context:
+        raise ValueError(f"context={context} is invalid; {what} has {length} characters, need more than "
+                         f"one context (>= {context + 1})")
+
+
+def validate_splits(data: "CharData", context: int, splits: Iterable[str] = ("train", "validation")) -> None:
+    """`validate_text` for each of `splits` of `data` (train samples windows, validation is evaluated)."""
+    for name in splits:
+        validate_text(len(getattr(data, name)), context, f"the {name} split")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading and splitting.
 
@@ -55,13 +88,15 @@ def split_text(text: str) -> dict[str, str]:
 
 def read_text_file(path: str) -> str:
     """The whole file as text. '\\n' newlines are kept verbatim (newline="" disables translation)."""
+    validate_text_file(path)
     try:
         with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataUnavailableError(f"--text_file={path} cannot be read: {_one_line(e)}") from None
-    if len(text) < 2:
-        raise DataUnavailableError(f"--text_file={path} is invalid; it holds {len(text)} characters")
+        raise TextFileError(f"--text_file={path} cannot be read: {_one_line(e)}") from None
+    if len(set(text)) < 2:
+        raise TextFileError(f"--text_file={path} is invalid; it holds {len(text)} characters, "
+                            f"{len(set(text))} distinct (need >= 2 distinct)")
     return text
 
 
@@ -194,13 +229,19 @@ def eval_windows(data, context: int, batch: int, stride: int = 1
 
     Targets are data[t] for t = C, C + stride, C + 2 stride, ... (< N), each with the C characters
     before it, so stride=1 scores every character except the first C exactly once. All batches
-    have `batch` rows except possibly the last (one extra jit shape at most).
+    have `batch` rows except possibly the last (one extra jit shape at most). Bad arguments, or
+    data without one window (N <= C), raise a one-line ValueError at the call, not at iteration.
     """
     data = np.asarray(data)
     if context < 0 or batch < 1 or stride < 1:
         raise ValueError(f"context={context}, batch={batch}, stride={stride} are invalid")
+    validate_text(data.shape[0], context, "the evaluation text")
     targets_at = np.arange(context, data.shape[0], stride)
     offsets = np.arange(-context, 1)
-    for lo in range(0, len(targets_at), batch):
-        windows = data[targets_at[lo:lo + batch, None] + offsets]
-        yield windows[:, :context], windows[:, context]
+
+    def batches():
+        for lo in range(0, len(targets_at), batch):
+            windows = data[targets_at[lo:lo + batch, None] + offsets]
+            yield windows[:, :context], windows[:, context]
+
+    return batches()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import sys
 from typing import NamedTuple, Sequence
 
@@ -45,6 +46,33 @@ class NGramTable(NamedTuple):
 
     keys: jax.Array  # [M] int32, sorted base-V codes of the training contexts
     log_probs: jax.Array  # [M + 1, V] float32; row M (unseen context) is uniform, log(1 / V)
+
+
+def validate_k(k, name: str = "k") -> None:
+    """The add-k smoothing must be a finite number > 0 (k = 0 gives log 0 = -inf): one-line ValueError."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not (math.isfinite(k) and k > 0):
+        raise ValueError(f"{name}={k} is invalid; need a finite value > 0 (0 gives log 0 = -inf)")
+
+
+def validate_order(order, vocab_size: int | None = None) -> None:
+    """An order is an integer >= 1 whose V^(n-1) context codes fit int64 (given V)."""
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
+        raise ValueError(f"order={order} is invalid; need an integer >= 1")
+    if vocab_size is not None and vocab_size ** (int(order) - 1) >= 2**63:
+        raise ValueError(f"order={order} is invalid for V={vocab_size}; V^(n-1) overflows int64 context codes")
+
+
+def validate_ladder(train_len: int, eval_len: int, vocab_size: int, orders: Sequence[int], k=DEFAULT_K) -> None:
+    """Everything `ladder` needs, from the lengths alone (check before fitting): one-line ValueError."""
+    if len(orders) == 0:
+        raise ValueError("orders is empty; give at least one, e.g. --orders=1,2,3,4")
+    for order in orders:
+        validate_order(order, vocab_size)
+    validate_k(k)
+    top = max(orders)
+    if train_len < top or eval_len < top:
+        raise ValueError(f"orders={tuple(orders)} is invalid for a text of {train_len} training and {eval_len} "
+                         f"evaluation characters; each needs >= the largest order ({top})")
 
 
 def context_codes(contexts, vocab_size: int, xp=np):
@@ -82,10 +110,8 @@ class NGramModel:
     """Add-k smoothed order-n character model. `NGramModel(order, k).fit(train_ids, vocab_size)`."""
 
     def __init__(self, order: int, k: float = DEFAULT_K):
-        if not isinstance(order, (int, np.integer)) or order < 1:
-            raise ValueError(f"order={order} is invalid; need an integer >= 1")
-        if not (k > 0 and math.isfinite(k)):
-            raise ValueError(f"k={k} is invalid; need a finite k > 0 (k = 0 gives log 0 = -inf)")
+        validate_order(order)
+        validate_k(k)
         self.order, self.k = int(order), float(k)
         self.vocab_size: int | None = None
         self.keys: np.ndarray | None = None  # [M] int64 sorted context codes
@@ -99,6 +125,7 @@ class NGramModel:
             raise ValueError(f"ids of shape {ids.shape} are invalid; need [N] with N >= order={self.order}")
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise ValueError(f"ids outside [0, {vocab_size}) cannot be counted")
+        validate_order(self.order, vocab_size)
         contexts, targets = context_windows(ids, self.order - 1)
         self.keys, rows = np.unique(context_codes(contexts, vocab_size), return_inverse=True)
         m = self.keys.shape[0]
@@ -180,6 +207,7 @@ class LadderRow(NamedTuple):
 def ladder(train_ids, eval_ids, vocab_size: int, orders: Sequence[int] = (1, 2, 3, 4),
            k: float = DEFAULT_K) -> list[LadderRow]:
     """One row per order, all scored on the same characters eval_ids[max(orders) - 1:]."""
+    validate_ladder(len(train_ids), len(eval_ids), vocab_size, orders, k)
     start = max(orders) - 1
     rows = []
     for order in orders:
@@ -211,17 +239,20 @@ class Config:
               f"split={self.split} is invalid; allowed: {', '.join(chartext.SPLITS)}")
         check(len(self.orders) > 0 and all(o >= 1 for o in self.orders),
               f"orders={self.orders} is invalid; need orders >= 1")
-        check(self.k > 0 and all(k > 0 for k in self.k_sweep), "k and k_sweep must be > 0")
+        validate_k(self.k)
+        for k in self.k_sweep:
+            validate_k(k, "k_sweep")
 
 
 def main(argv=None) -> None:
     cfg = parse_flags(Config, argv, prog="python -m envs.ngram")
     try:
         data = chartext.load_char_data(cfg.text_file or None, cfg.data_dir or None)
-    except chartext.DataUnavailableError as e:
-        print(f"python -m envs.ngram: error: {e}", file=sys.stderr)
+        eval_ids = getattr(data, cfg.split)
+        validate_ladder(len(data.train), len(eval_ids), data.vocab.size, cfg.orders, cfg.k)
+    except (chartext.DataUnavailableError, ValueError) as e:
+        print(f"python -m envs.ngram: error: {str(e).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
-    eval_ids = getattr(data, cfg.split)
     print(f"train {len(data.train):,} chars, {cfg.split} {len(eval_ids):,} chars, V = {data.vocab.size}")
     print(format_ladder(ladder(data.train, eval_ids, data.vocab.size, cfg.orders, cfg.k)))
     for k in cfg.k_sweep:

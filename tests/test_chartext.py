@@ -211,3 +211,82 @@ def test_tfds_success_path_decodes_each_split(monkeypatch):
     monkeypatch.setattr(tfds, "load", fake_load)
     monkeypatch.setattr(tfds, "as_numpy", lambda ds: ds)
     assert chartext.load_splits() == texts
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one-line errors before anything is fitted or compiled.
+
+
+def _one_line_error(cls, fn, *args, match=None, **kwargs) -> str:
+    with pytest.raises(cls, match=match) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_bad_text_files(tmp_path):
+    assert issubclass(chartext.TextFileError, ValueError) and issubclass(chartext.TextFileError,
+                                                                         chartext.DataUnavailableError)
+    missing = tmp_path / "missing.txt"
+    msg = _one_line_error(chartext.TextFileError, chartext.validate_text_file, str(missing))
+    assert msg == f"--text_file={missing} is invalid; no such file"
+    _one_line_error(chartext.TextFileError, chartext.validate_text_file, str(tmp_path), match="not a regular file")
+    _one_line_error(chartext.TextFileError, chartext.load_char_data, str(missing), match="no such file")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    _one_line_error(chartext.TextFileError, chartext.read_text_file, str(tmp_path / "latin1.txt"),
+                    match="cannot be read: UnicodeDecodeError")
+    for name, text in (("empty.txt", ""), ("one.txt", "aaaa")):
+        (tmp_path / name).write_text(text)
+        _one_line_error(chartext.TextFileError, chartext.read_text_file, str(tmp_path / name),
+                        match="need >= 2 distinct")
+    chartext.validate_text_file(str(tmp_path / "one.txt"))  # exists and is readable: fine
+
+
+def test_text_shorter_than_one_context():
+    chartext.validate_text(9, 8)
+    msg = _one_line_error(ValueError, chartext.validate_text, 8, 8, "the validation split")
+    assert msg == "context=8 is invalid; the validation split has 8 characters, need more than one context (>= 9)"
+    for context in (-1, 2.5, True):
+        _one_line_error(ValueError, chartext.validate_text, 100, context, match="context=")
+    data = chartext.encode_splits(chartext.split_text("abcdefghij" * 3))  # 27 / 1 / 2 characters
+    chartext.validate_splits(data, 4, splits=("train",))
+    _one_line_error(ValueError, chartext.validate_splits, data, 4, match="the validation split has 1 characters")
+    # eval_windows checks at the call, not when first iterated (it used to yield nothing).
+    _one_line_error(ValueError, chartext.eval_windows, np.arange(4), 4, batch=2, match="evaluation text has 4")
+    with pytest.raises(ValueError, match="are invalid for data of length 4"):
+        chartext.sample_windows(np.random.default_rng(0), np.arange(4), 2, 4)
+
+
+@pytest.mark.parametrize("k", [float("nan"), float("inf"), -0.1, 0.0, "0.1", True, None])
+def test_bad_smoothing(k):
+    _one_line_error(ValueError, ngram.validate_k, k, "smoothing", match="^smoothing=")
+    _one_line_error(ValueError, ngram.NGramModel, 2, k, match="^k=")
+
+
+def test_bad_orders_and_ladder_inputs():
+    for order in (0, -1, 2.0, True):
+        _one_line_error(ValueError, ngram.NGramModel, order, match="order=")
+    # 65^11 > 2^63: the int64 context codes would overflow silently.
+    ngram.validate_order(11, 65)
+    _one_line_error(ValueError, ngram.validate_order, 12, 65, match="overflows int64")
+    _one_line_error(ValueError, ngram.NGramModel(12).fit, np.arange(20) % 65, 65, match="overflows int64")
+    _one_line_error(ValueError, ngram.validate_ladder, 100, 100, 65, (), match="orders is empty")
+    _one_line_error(ValueError, ngram.validate_ladder, 100, 3, 65, (1, 2, 3, 4), match="3 evaluation characters")
+    _one_line_error(ValueError, ngram.ladder, np.arange(3), np.arange(50) % 3, 3, (1, 4), match="3 training")
+
+
+@pytest.mark.parametrize("flags,word", [(["--k=inf"], "k=inf"), (["--k_sweep=0.1,nan"], "k_sweep=nan"),
+                                        (["--k=-1"], "k=-1"), (["--orders=0"], "orders"),
+                                        (["--text_file=/nonexistent/x.txt"], "no such file"),
+                                        (["--orders=1,2,30"], "order=30 is invalid for V=28"),
+                                        (["--split=test", "--orders=1,9"], "evaluation characters")])
+def test_ngram_main_bad_input_exits_2_with_one_line(flags, word, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 3)  # test split: 7 characters
+    with pytest.raises(SystemExit) as e:
+        ngram.main([f"--text_file={text}", *flags])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m envs.ngram: error: ") and word in err[0], err
+    assert out.out == ""
