@@ -1,4 +1,4 @@
-"""Per-group diagnostics of weighting-scheme weights (seed 000, "Specific metrics to log").
+"""Per-group diagnostics of weighting-scheme weights: how concentrated they are, and on what.
 
 Re-exported by `rlsoft.weighting`. Rewards follow the non-finite policy of `rlsoft.reward_groups`:
 the reward statistics (best, mean, std, zero_std) are over a group's finite rewards only, and
@@ -21,7 +21,7 @@ _TINY = 1e-30
 def group_weight_stats(w: chex.Array, r: chex.Array) -> dict[str, chex.Array]:
     """Statistics of one group's weights `w: [G]` given its rewards `r: [G]`.
 
-    With p = |w| / sum|w|:  entropy = -sum p log p,  effective_n = 1 / sum p^2  (seed 000).
+    With p = |w| / sum|w|:  entropy = -sum p log p,  effective_n = 1 / sum p^2.
     weight_on_best is the mean weight of the samples tied for the best reward (the seed's
     "weight on correct"); mass_on_best is their share of sum|w|. A group whose weights are all
     zero (a centred scheme on equal rewards) gives no gradient: entropy = effective_n = 0 there.
