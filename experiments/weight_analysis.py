@@ -154,7 +154,7 @@ def _auto_stats(r: jax.Array) -> dict[str, tuple[jax.Array, dict[str, jax.Array]
     for name in TAU_SCHEMES:
         w = weighting.compute_weights(r, name, tau="auto")
         # The resolved value is only needed to place the marker on the tau axis.
-        out[name] = (weighting._resolve_tau(_SOFTMAX_INPUT[name](r), "auto"), weighting.weight_stats(w, r))
+        out[name] = (weighting.resolve_tau(_SOFTMAX_INPUT[name](r), "auto"), weighting.weight_stats(w, r))
     return out
 
 

@@ -92,7 +92,7 @@ def _softmax_times_n(x: chex.Array, f: FiniteGroup, tau: chex.Array) -> chex.Arr
     return f.n * e / jnp.maximum(jnp.sum(e), 1.0)
 
 
-def _resolve_tau(x: chex.Array, tau) -> chex.Array:
+def resolve_tau(x: chex.Array, tau) -> chex.Array:
     """tau as a scalar array; "auto" is (max x - min x) / 2 (seed 001), 1 for a constant group."""
     if isinstance(tau, str):  # validated to be "auto" by compute_weights
         spread = (jnp.max(x) - jnp.min(x)) / 2.0
@@ -133,7 +133,7 @@ def softmax(r: chex.Array, tau: Tau = None) -> chex.Array:
     """Boltzmann / AWR: G * softmax(r / tau). Sums to G; tau -> 0 is best_of_n, tau -> inf is 1."""
     _assert_group(r)
     f = finite_group(r)
-    return _softmax_times_n(f.filled, f, _resolve_tau(f.filled, tau))
+    return _softmax_times_n(f.filled, f, resolve_tau(f.filled, tau))
 
 
 def softmax_centered(r: chex.Array, tau: Tau = None) -> chex.Array:
@@ -158,7 +158,7 @@ def quantile_softmax(r: chex.Array, tau: Tau = None) -> chex.Array:
     """Quantile first, then G * softmax(q / tau). "auto" tau uses the range of q."""
     f = finite_group(r)
     q = quantile(r)  # 0 on the masked entries, which is within [min q, max q] of the finite ones
-    return _softmax_times_n(q, f, _resolve_tau(q, tau))
+    return _softmax_times_n(q, f, resolve_tau(q, tau))
 
 
 def rank(r: chex.Array, tau: Tau = None) -> chex.Array:
