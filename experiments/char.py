@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from envs import char_rewards, chartext, ngram
+from models import char_gpt
 from rlsoft import exhaustive_loop as xl
 from rlsoft.config import check, parse_flags
 from rlsoft.driver import Driver, RunConfig, RunError, prepare_run
@@ -63,6 +64,10 @@ class CharConfig(xl.ExhaustiveConfig, RunConfig):
         check(self.eval_chars >= 0, f"eval_chars={self.eval_chars} is invalid; need >= 0")
         check(self.eval_batch >= 1, f"eval_batch={self.eval_batch} is invalid; need >= 1")
         check(self.sample_chars >= 0, f"sample_chars={self.sample_chars} is invalid; need >= 0")
+        char_gpt.validate_preset(self.model_preset, "model_preset")
+        ngram.validate_k(self.smoothing, "smoothing")
+        if self.text_file:
+            chartext.validate_text_file(self.text_file)
         self.reward_config()
 
     def reward_config(self) -> char_rewards.CharRewardConfig:
@@ -79,8 +84,6 @@ PRESETS = {
 
 def build(cfg: CharConfig):
     """Data, n-gram reference, model and the testbed's device functions (nothing compiled yet)."""
-    from models import char_gpt
-
     data = chartext.load_char_data(cfg.text_file or None, cfg.data_dir or None)
     v = data.vocab.size
     bigram = ngram.NGramModel(2, cfg.smoothing).fit(data.train, v)
@@ -110,9 +113,7 @@ def make_driver(cfg: CharConfig) -> tuple[Driver, chartext.CharData]:
     """The run directory checked first (nothing built before), then data, model, testbed, driver."""
     run_dir = prepare_run(cfg, "char")
     data, params, fns = build(cfg)
-    check(len(data.train) > cfg.context and len(data.validation) > cfg.context,
-          f"context={cfg.context} is invalid; the text's splits have {len(data.train)} and "
-          f"{len(data.validation)} characters, need more than one context")
+    chartext.validate_splits(data, cfg.context)
 
     def windows(limit: int):
         ids = data.validation[: limit + cfg.context] if limit else data.validation
