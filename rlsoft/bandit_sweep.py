@@ -22,7 +22,6 @@ key is `fold_in(policy_key, step)`, so a step-by-step replay sees exactly the sa
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from rlsoft import optim, weighting
+from rlsoft.rollout import categorical
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -82,36 +82,6 @@ def init_state(num_actions: int, optimizer: str) -> PolicyState:
     return PolicyState(logits, make_optimizer(optimizer).init(logits))
 
 
-def _block_size(num_actions: int) -> int:
-    """Power of two near sqrt(K): balances the block-level and within-block work of the sampler."""
-    return max(8, 2 ** round(math.log2(math.sqrt(num_actions))))
-
-
-def sample_actions(key: chex.PRNGKey, unnormalized: chex.Array, group_size: int) -> chex.Array:
-    """G i.i.d. draws from p proportional to `unnormalized: [K]` (>= 0), by inverse-CDF sampling.
-
-    One uniform per draw, exact in distribution up to float32 rounding of the CDF. The CDF is
-    never built over all K: the actions are cut into blocks of B ~ sqrt(K); a draw first picks a
-    block from the B-block cumulative sums, then a slot from that block's own cumulative sums.
-    Both prefix sums are small matmuls with a triangular matrix, because XLA's CPU cumsum costs
-    ~4 ns per element (10x an exp), and `jax.random.categorical` would draw G x K Gumbels:
-    at K = 1000 either would dominate the step.
-    """
-    chex.assert_rank(unnormalized, 1)
-    k = unnormalized.shape[0]
-    block = _block_size(k)
-    num_blocks = -(-k // block)
-    blocks = jnp.pad(unnormalized, (0, num_blocks * block - k)).reshape(num_blocks, block)
-    block_sums = jnp.sum(blocks, axis=1)
-    block_cdf = block_sums @ jnp.triu(jnp.ones((num_blocks, num_blocks), blocks.dtype))
-    u = jax.random.uniform(key, (group_size,), blocks.dtype) * block_cdf[-1]
-    b = jnp.minimum(jnp.sum(block_cdf[None, :] <= u[:, None], axis=1), num_blocks - 1)
-    remainder = u - (block_cdf[b] - block_sums[b])
-    inner_cdf = blocks[b] @ jnp.triu(jnp.ones((block, block), blocks.dtype))
-    j = jnp.minimum(jnp.sum(inner_cdf <= remainder[:, None], axis=1), block - 1)
-    return jnp.minimum(b * block + j, k - 1)
-
-
 def weighted_nll(logits: chex.Array, actions: chex.Array, weights: chex.Array) -> chex.Array:
     """-(1/G) sum_i w_i log softmax(logits)[a_i]. The reference for `weighted_nll_grad`."""
     logp = jax.nn.log_softmax(logits)
@@ -148,9 +118,9 @@ def policy_step(
     """
     sample_key, reward_key = jax.random.split(key)
     logits = state.logits
-    e = jnp.exp(logits - jnp.max(logits))  # computed once: sampling, gradient and metrics share it
-    probs = e / jnp.sum(e)
-    actions = sample_actions(sample_key, e, group_size)
+    z = logits[None]  # [1,K]: the sampler's row; softmax of the same row shares its exp (XLA CSE)
+    probs = jax.nn.softmax(z)[0]
+    actions = categorical(sample_key, z, group_size)[0]
     rewards = reward_fn(env, reward_key, actions)
     weights = weighting.compute_weights_by_index(rewards, hp.scheme_index, hp.tau)
     grads = weighted_nll_grad(probs, actions, weights)

@@ -177,8 +177,7 @@ def exhaustive_loss(params, contexts, rewards, logits_fn: LogitsFn, scheme: str,
 def sample_actions(key, logits: jax.Array, group_size: int) -> jax.Array:
     """G actions per context, c ~ softmax(logits[b]): logits [B,V] -> int32 [B,G] (no gradient)."""
     chex.assert_rank(logits, 2)
-    z = jnp.repeat(jax.lax.stop_gradient(logits), group_size, axis=0)  # row b*G + g: draw g of context b
-    return categorical(key, z).reshape(logits.shape[0], group_size)
+    return categorical(key, jax.lax.stop_gradient(logits), group_size)  # one exp and cdf per context
 
 
 def table_reward_fn(all_rewards: jax.Array) -> RewardFn:

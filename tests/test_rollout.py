@@ -182,6 +182,47 @@ def test_top_k_and_top_p_stay_in_their_sets(tiny):
     assert (np.asarray(out.sampling_logprobs) >= np.asarray(out.logprobs) - 1e-6).all()
 
 
+def _draws(z, n, chunk=100_000):
+    """n draws from the one row z [V] by `rollout.categorical`'s group form, in chunks (memory)."""
+    return np.concatenate([np.asarray(rollout.categorical(jax.random.PRNGKey(c), z[None], min(chunk, n - c))[0])
+                           for c in range(0, n, chunk)])
+
+
+# Block layouts: even and padded, triangular-product prefix sums (<= 64 terms) and cumsum (5000:
+# blocks of 128). Every fifth logit is -inf (a filtered token), which must never be drawn.
+@pytest.mark.parametrize("vocab", [7, 64, 1000, 1500, 5000])
+def test_categorical_is_exact_in_distribution(vocab):
+    z = (jax.random.normal(jax.random.PRNGKey(vocab), (vocab,)) * 2.0).at[::5].set(-jnp.inf)
+    n = 400_000
+    a = _draws(z, n)
+    assert a.min() >= 0 and a.max() < vocab
+    freq = np.bincount(a, minlength=vocab) / n
+    p = np.asarray(jax.nn.softmax(z))
+    assert freq[::5].sum() == 0
+    # 5 binomial standard errors per cell.
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-6)
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 1500, 5000])
+def test_categorical_draws_the_only_finite_token(vocab):
+    # A row whose mass sits in one token: first, middle, last (inside the padded last block).
+    for pos in (0, vocab // 2, vocab - 1):
+        z = jnp.full((vocab,), -jnp.inf).at[pos].set(3.0)
+        assert (_draws(z, 2000) == pos).all()
+
+
+def test_categorical_group_form_is_the_row_form_on_repeated_rows():
+    # Draw g of row b uses the uniform of row b*n + g of the repeated rows: one sampler, two shapes.
+    for vocab in (65, 1000, 5000):
+        z = jax.random.normal(jax.random.PRNGKey(vocab), (6, vocab)) * 3.0
+        key, n = jax.random.PRNGKey(1), 16
+        grouped = rollout.categorical(key, z, n)
+        assert grouped.shape == (6, n) and rollout.categorical(key, z).shape == (6,)
+        np.testing.assert_array_equal(grouped, rollout.categorical(key, jnp.repeat(z, n, axis=0)).reshape(6, n))
+    with pytest.raises(ValueError, match="num_samples"):
+        rollout.categorical(key, z, 0)
+
+
 def test_group_sampling_with_shared_prompt_cache(tiny):
     g = 4
     config = SamplingConfig(max_new_tokens=N, temperature=1.0)
