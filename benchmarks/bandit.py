@@ -166,8 +166,9 @@ def main(argv=None) -> dict:
         "ratio_jax_over_numpy_a": round(rate["jax"] / rate["numpy_a"], 2),
         "ratio_jax_over_numpy_b": round(rate["jax"] / rate["numpy_b"], 1),
         # Same algorithm, different random streams: the learning curves agree in distribution.
-        "final_p_best_mean": {"jax": float(jm["p_best"][:, -1].mean()), "numpy_a": float(am["p_best"][:, -1].mean())},
-        "p_best_at_loop_steps": {"jax": float(jm["p_best"][:, loop_steps - 1].mean()),
+        "final_p_best_mean": {"jax": float(jm["eval/p_best"][:, -1].mean()),
+                              "numpy_a": float(am["p_best"][:, -1].mean())},
+        "p_best_at_loop_steps": {"jax": float(jm["eval/p_best"][:, loop_steps - 1].mean()),
                                  "numpy_a": float(am["p_best"][:, loop_steps - 1].mean()),
                                  "numpy_b": float(bm["p_best"][:, -1].mean())},
         "jax_devices": jax.device_count(),

@@ -109,20 +109,25 @@ def summarize(cfg: BanditConfig, hps, metrics) -> list[dict]:
     """One row per grid point: means over seeds (medians for the step counts)."""
     # Draws until a best arm is first sampled (1-based); updates until p(best) first exceeds 0.9.
     # Runs that never get there count as `steps` (censored): see reached_p90.
-    first_success = np.asarray(bandit_sweep.first_step(metrics["n_best_sampled"] > 0)) + 1
-    to_90 = np.asarray(bandit_sweep.first_step(metrics["p_best"] > 0.9))
+    first_success = np.asarray(bandit_sweep.first_step(metrics["train/success"] > 0)) + 1
+    p_best = metrics["eval/p_best"]
+    to_90 = np.asarray(bandit_sweep.first_step(p_best > 0.9))
     rows = []
     for c, lab in enumerate(grid_labels(hps)):
-        informative = metrics["zero_std"][c] == 0
+        informative = metrics["train/weights/zero_std"][c] == 0
+
+        def over_informative(stat):
+            return float(metrics["train/weights/" + stat][c][informative].mean()) if informative.any() else math.nan
+
         rows.append(dict(
             **lab,
-            p_best_auc=float(metrics["p_best"][c].mean()),
-            p_best_final=float(metrics["p_best"][c, :, -1].mean()),
+            p_best_auc=float(p_best[c].mean()),
+            p_best_final=float(p_best[c, :, -1].mean()),
             steps_to_first_success=float(np.median(first_success[c])),
             steps_to_p90=float(np.median(to_90[c])),
             reached_p90=float(np.mean(to_90[c] < cfg.steps)),
-            effective_n=float(metrics["effective_n"][c][informative].mean()) if informative.any() else math.nan,
-            max_weight=float(metrics["max_weight"][c][informative].mean()) if informative.any() else math.nan,
+            effective_n=over_informative("effective_n"),
+            max_weight=over_informative("max_weight"),
         ))
     return rows
 
@@ -137,12 +142,12 @@ def tuned_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_tensorboard(cfg: BanditConfig, hps, metrics) -> None:
-    names = ("p_best", "expected_reward", "reward_mean", "loss", "grad_norm", "max_weight",
-             "entropy", "effective_n", "weight_on_best", "zero_std")
+    """One run directory per grid point; the curves carry every testbed's names (`logged_curves`)."""
+    curves = jax.tree.map(np.asarray, bandit_sweep.logged_curves(metrics))
     for c, lab in enumerate(grid_labels(hps)):
         run_name = f"{lab['label'].replace(' ', '_')}_lr={lab['lr']:g}"
         with TensorBoardLogger(os.path.join(cfg.out, "tb"), run_name) as tb:
-            tb.scalar_series({n: metrics[n][c].mean(axis=0) for n in names}, every=cfg.log_every)
+            tb.scalar_series({n: v[c] for n, v in curves.items()}, every=cfg.log_every)
 
 
 def plot(cfg: BanditConfig, hps, metrics, rows, path: str) -> None:
@@ -157,7 +162,7 @@ def plot(cfg: BanditConfig, hps, metrics, rows, path: str) -> None:
     index = {(r["label"], r["lr"]): c for c, r in enumerate(rows)}
     for ax, (title, chosen) in zip(axes, panels):
         for r in chosen:
-            curve = metrics["p_best"][index[(r["label"], r["lr"])]].mean(axis=0)
+            curve = metrics["eval/p_best"][index[(r["label"], r["lr"])]].mean(axis=0)
             ax.plot(curve, label=f"{r['label']} (lr={r['lr']:g})")
         ax.set_title(title)
         ax.set_xlabel("step")

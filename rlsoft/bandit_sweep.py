@@ -111,8 +111,8 @@ def policy_step(
     """One pure step: sample G actions, reward, weight, update.
 
     Returns the new state and the step's record: the group (actions, rewards, weights, log-probs
-    of the actions) and the K-sized statistics of the pre-update policy (p_best,
-    expected_reward, grad_norm). `step_metrics` turns a record into the logged metrics; it is
+    of the actions), the K-sized statistics of the pre-update policy (p_best, expected_reward,
+    grad_norm) and the optimizer's count of skipped updates. `step_metrics` turns a record into the logged metrics; it is
     applied after the scan, vectorised over all steps at once, because a dozen G-sized
     reductions per step would cost more than the step's O(K) work.
     """
@@ -140,21 +140,47 @@ def policy_step(
     return PolicyState(optax.apply_updates(logits, updates), opt_state), record
 
 
+WEIGHTS = "train/weights/"  # prefix of the weight statistics
+
+
 def step_metrics(record: dict[str, chex.Array], env: Any, values_fn: ValuesFn) -> dict[str, chex.Array]:
-    """Metrics of one step's record (unbatched; vmap over steps, seeds and grid points)."""
+    """Metrics of one step's record (unbatched; vmap over steps, seeds and grid points).
+
+    Named as every testbed logs them: `eval/...` for the exact quality of the pre-update policy
+    (p_best, expected_reward), `train/...` for the step (reward, success = share of the group that
+    drew a best arm, loss, grad_norm, skipped_updates) and `train/weights/<stat>` for
+    `weighting.group_weight_stats` of the group's weights (per group: `logged_curves` reduces them).
+    """
     values = values_fn(env)
     best = values == jnp.max(values)
     w, r = record["weights"], record["rewards"]
     return {
-        "p_best": record["p_best"],
-        "expected_reward": record["expected_reward"],
-        "grad_norm": record["grad_norm"],
-        "skipped_updates": record["skipped_updates"].astype(jnp.float32),
-        "reward_mean": jnp.mean(r),
-        "n_best_sampled": jnp.sum(best[record["actions"]]).astype(jnp.float32),
-        "loss": -jnp.mean(w * record["logp_actions"]),
-        **weighting.group_weight_stats(w, r),
+        "eval/p_best": record["p_best"],
+        "eval/expected_reward": record["expected_reward"],
+        "train/reward": jnp.mean(r),
+        "train/success": jnp.mean(best[record["actions"]].astype(jnp.float32)),
+        "train/loss": -jnp.mean(w * record["logp_actions"]),
+        "train/grad_norm": record["grad_norm"],
+        "train/skipped_updates": record["skipped_updates"].astype(jnp.float32),
+        **{WEIGHTS + k: v for k, v in weighting.group_weight_stats(w, r).items()},
     }
+
+
+def logged_curves(metrics: dict[str, chex.Array]) -> dict[str, chex.Array]:
+    """Sweep metrics [C, S, T] -> the curves [C, T] a TensorBoard run of each grid point shows.
+
+    The seeds of a step are its batch of groups, reduced as the trainers reduce a batch: means over
+    seeds, and the weight statistics through `weighting.summarize_weight_stats` (shape statistics
+    over the informative groups only, `zero_std_frac`), with `train/frac_reward_zero_std` and
+    `train/reward_std` as the language testbeds log them.
+    """
+    stats = {k[len(WEIGHTS):]: v for k, v in metrics.items() if k.startswith(WEIGHTS)}
+    per_step = jax.vmap(jax.vmap(weighting.summarize_weight_stats, in_axes=1), in_axes=0)  # over T, then C
+    curves = {k: jnp.mean(v, axis=1) for k, v in metrics.items() if not k.startswith(WEIGHTS)}
+    curves.update({WEIGHTS + k: v for k, v in per_step(stats).items()})
+    curves["train/frac_reward_zero_std"] = curves[WEIGHTS + "zero_std_frac"]
+    curves["train/reward_std"] = curves[WEIGHTS + "reward_std"]
+    return curves
 
 
 def run(

@@ -120,9 +120,28 @@ def test_sparse_bandit_is_learned():
     hps = bandit_sweep.make_hparams(["linear", "softmax"], (0.5,), (3.0,))
     m = bandit_sweep.sweep(hps, envs, policy_keys, num_actions=K, num_steps=60, reward_fn=bandit_env.pull,
                           values_fn=bandit_env.arm_values, group_size=G, optimizer="sgd")
-    p = np.asarray(m["p_best"])
+    p = np.asarray(m["eval/p_best"])
     np.testing.assert_allclose(p[:, :, 0], 1.0 / K, rtol=1e-5)  # uniform start
     assert (p[:, :, -1] > 0.5).all(), p[:, :, -1]
+
+
+def test_logged_curves_reduce_the_seeds_as_a_batch_of_groups():
+    envs, policy_keys = _setup()
+    hps = bandit_sweep.make_hparams(["linear", "softmax"], (0.5,), (3.0,))
+    m = jax.tree.map(np.asarray, bandit_sweep.sweep(
+        hps, envs, policy_keys, num_actions=K, num_steps=T, reward_fn=bandit_env.pull,
+        values_fn=bandit_env.arm_values, group_size=G, optimizer="sgd"))
+    curves = jax.tree.map(np.asarray, bandit_sweep.logged_curves(m))
+    assert {"eval/p_best", "train/reward", "train/loss", "train/grad_norm", "train/skipped_updates",
+            "train/frac_reward_zero_std", "train/weights/effective_n"} <= set(curves)
+    for name, v in curves.items():
+        assert v.shape == (2, T), name
+    np.testing.assert_allclose(curves["eval/p_best"], m["eval/p_best"].mean(axis=1), rtol=1e-6)
+    informative = m["train/weights/zero_std"] == 0  # [C,S,T]
+    assert informative.any() and not informative.all()
+    eff = np.where(informative, m["train/weights/effective_n"], 0.0).sum(1) / np.maximum(informative.sum(1), 1)
+    np.testing.assert_allclose(curves["train/weights/effective_n"], eff, rtol=1e-6)
+    np.testing.assert_allclose(curves["train/frac_reward_zero_std"], 1.0 - informative.mean(1), rtol=1e-6)
 
 
 def test_first_step():
@@ -139,7 +158,10 @@ def test_experiment_smoke(tmp_path, capsys):
     runs = sorted(os.listdir(out / "tb"))
     assert len(runs) == 8
     scalars = read_scalars(str(out / "tb" / runs[0]))
-    assert "p_best" in scalars and len(scalars["p_best"]) == 30 // 5
+    # The names every testbed logs (README, "Metric names").
+    assert {"eval/p_best", "train/reward", "train/success", "train/loss", "train/grad_norm", "train/skipped_updates",
+            "train/frac_reward_zero_std", "train/weights/effective_n", "train/weights/max_weight"} <= set(scalars)
+    assert len(scalars["eval/p_best"]) == 30 // 5
     assert "one compiled call" in capsys.readouterr().out
 
 
