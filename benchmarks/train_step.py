@@ -1,21 +1,24 @@
-"""RL-step throughput: rlsoft.trainer.update (and rollout + reward + update) against a PyTorch update.
+"""RL-step throughput: the Countdown testbed's update and full RL step against a PyTorch update.
 
     python -m benchmarks.train_step                       # tiny and mid presets
     python -m benchmarks.train_step --config=tiny --repeats=7
 
 Workload (GRPO-Zero's shape): 8 questions x G=8 = 64 sequences; prompts of prompt_len - 15 ..
 prompt_len random ids, left padded to prompt_len = 128; 256 response tokens, no stop id (every row
-runs to the end). Both sides use the same random Qwen2 (models/qwen2.py builds it,
-models/hf.py `save_model` writes it, transformers loads it).
-  update      rlsoft.trainer.update as the experiments build it: make_update(train_forward,
-              response_logits) from models/qwen2_train.py (each question's prompt run once for its G
-              rows, blocked causal attention, LM head at the predicting positions only); softmax
-              weights (tau 0.5), token_mean, PPO clip 0.2, 1 epoch (old log-probs = the loss's own,
-              no separate forward), AdamW (clip 1.0), `micro_batches` gradient accumulation, float32
+runs to the end). The step is the experiments' own: a `rlsoft.train_loop.LanguageTestbed` over the
+Qwen2 view experiments.countdown uses (`qwen2_policy`), with a random-prompt task in place of
+Countdown. Both sides use the same random Qwen2 (models/qwen2.py builds it, models/hf.py
+`save_model` writes it, transformers loads it).
+  update      `testbed.update`, the jitted update the testbed's RL step calls (rlsoft.trainer
+              make_update over qwen2_train's train_forward and response_logits: each question's
+              prompt run once for its G rows, blocked causal attention, LM head at the predicting
+              positions only), on the batch the testbed's first RL step built; softmax weights
+              (tau 0.5), token_mean, PPO clip 0.2, 1 epoch (old log-probs = the loss's own, no
+              separate forward), AdamW (clip 1.0), `micro_batches` gradient accumulation, float32
   update_mN   the same with N micro-batches (tiny only, `sweep`)
   per_row     the same update with every row's prompt + response through train_forward (blocked)
   per_row_full_attn  the same through Qwen2.__call__ (the full T x T masked attention)
-  old_fwd     the old-logp forward that ppo_epochs > 1 adds (jitted trainer.sequence_log_probs)
+  old_fwd     the old-logp forward that ppo_epochs > 1 adds (jitted trainer.response_log_probs)
   torch       transformers Qwen2ForCausalLM (sdpa attention), float32, all cores
               (torch.set_num_threads(os.cpu_count())): forward + backward
               of the same token-mean weighted log-likelihood (the PPO gradient at ratio 1; GRPO-Zero's
@@ -23,10 +26,10 @@ models/hf.py `save_model` writes it, transformers loads it).
               no old-logp forward.
   torch_1thread  the same with torch.set_num_threads(1): on a shared machine OpenMP's barriers
               stall whenever one of its threads is descheduled, so one thread can be the faster
-  rollout     the jitted sampler (rlsoft.rollout.make_sampler over models/qwen2_decode.decode_fns),
+  rollout     the testbed's jitted sampler (rlsoft.rollout over qwen2_decode's decode functions),
               8 prompts x G=8 with a shared prompt cache, 256 new tokens, to host arrays
-  rl_step     rollout + a host reward in numpy (fraction of response ids below vocab / 2) + update,
-              built from the pieces as rlsoft.train_loop.Loop.rl_step does (no Task, one device)
+  rl_step     `testbed.train(state, step, 1, keys)` at an RL step: questions, rollout, the host
+              reward (the fraction of response ids below vocab / 2, in numpy), batch, update, metrics
 Token counts: the update processes B x (P + N) tokens; rl_step is credited with the generated
 B x N tokens plus the B x (P + N) the update processes (`rl_step`), and with the generated tokens
 only (`rl_step_generated`).
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -59,12 +63,12 @@ from flax import nnx
 
 from benchmarks.timing import first_calls, interleaved
 from benchmarks.timing import paired as timing_paired
+from experiments.countdown import qwen2_policy
 from models import hf, qwen2
-from models.qwen2_decode import decode_fns
-from models.qwen2_train import response_logits, train_forward
-from rlsoft import rollout, trainer, weighting
+from rlsoft import optim, rollout, trainer, weighting
 from rlsoft.config import check, check_finite, parse_flags
 from rlsoft.logger import format_table
+from rlsoft.train_loop import LanguageTestbed, TrainConfig
 
 TARGETS = {"update_tokens_per_s": 16600, "ratio_update_over_torch": 2.0}  # 2x GRPO-Zero's ~8,300 (tiny)
 
@@ -135,61 +139,51 @@ def matmul_flops(shapes: dict, repeats: int = 5) -> dict:
 # Workload.
 
 
-def make_prompts(cfg: BenchConfig, vocab: int, seed: int):
-    """questions left-padded prompts of prompt_len - 15 .. prompt_len ids in 1..vocab-1 (0 is the pad)."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(cfg.prompt_len - 15, cfg.prompt_len + 1, cfg.questions)
-    return rollout.left_pad([rng.integers(1, vocab, k).tolist() for k in lengths], pad_id=0,
-                            length=cfg.prompt_len)
+class RandomTask:
+    """The workload as a `rlsoft.train_loop.TextTask`: `questions` fixed random prompts of
+    prompt_len - 15 .. prompt_len ids in 1..vocab-1 (0 is the pad), no stop id, and a trivial numpy
+    verifier: the reward is the fraction of response ids below vocab / 2."""
+
+    pad_id, stop_ids, num_eval = 0, (), 0
+
+    def __init__(self, cfg: BenchConfig, vocab: int, seed: int):
+        rng = np.random.default_rng(seed)
+        lengths = rng.integers(cfg.prompt_len - 15, cfg.prompt_len + 1, cfg.questions)
+        self.prompts = [rng.integers(1, vocab, k).tolist() for k in lengths]
+        self.num_train, self.max_prompt_length, self.vocab = cfg.questions, cfg.prompt_len, vocab
+
+    def prompt_tokens(self, indices, split):
+        return [self.prompts[i] for i in indices]
+
+    def reference_tokens(self, indices, split):  # no supervised term here (sl_weight = 0)
+        return [[1] for _ in indices]
+
+    def score(self, indices, split, responses):
+        reward = np.array([np.mean(np.asarray(r) < self.vocab // 2) if len(r) else 0.0 for r in responses],
+                          np.float32)
+        return {"reward": reward, "success": (reward > 0.5).astype(np.float32)}
+
+    def decode(self, tokens):
+        return " ".join(map(str, tokens))
 
 
-def host_reward(tokens: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarray:
-    """A trivial numpy verifier: the fraction of response tokens with an id below vocab / 2."""
-    return ((tokens < vocab // 2) & mask).sum(1) / np.maximum(mask.sum(1), 1)
+def train_config(cfg: BenchConfig, micro_batches: int) -> TrainConfig:
+    return TrainConfig(scheme="softmax", tau=0.5, policy=optim.OptimizerConfig(learning_rate=cfg.learning_rate),
+                       micro_batches=micro_batches, ppo_epochs=1, aggregation="token_mean", clip_eps=0.2,
+                       steps=10**6, questions_per_step=cfg.questions, group_size=cfg.group_size,
+                       sampling=rollout.SamplingConfig(max_new_tokens=cfg.new_tokens), samples_to_log=0,
+                       progress=False)
 
 
-def make_batch(prompts, pmask, tokens, mask, rewards, g: int, tau: float) -> trainer.Batch:
-    n = tokens.shape[1]
-    return trainer.Batch(
-        prompts=np.repeat(prompts, g, 0), prompt_mask=np.repeat(pmask, g, 0), responses=np.asarray(tokens),
-        response_mask=np.asarray(mask), rewards=np.asarray(rewards, np.float32).reshape(-1, g),
-        tau=np.float32(tau), sl_responses=np.zeros((0, n), np.int32),
-        sl_prompts=np.zeros((0, prompts.shape[1]), np.int32), sl_prompt_mask=np.zeros((0, prompts.shape[1]), bool),
-        sl_mask=np.zeros((0, n), bool))
-
-
-def torch_update_fn(model_dir: str, batch: trainer.Batch, weights: np.ndarray, m: int, lr: float):
-    """The same update in PyTorch: returns (run() -> pre-clip grad norm, attention implementation)."""
-    import torch
-    import transformers
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    p = batch.prompts.shape[1]
-    mask = np.concatenate([batch.prompt_mask, batch.response_mask], 1)
-    ids = torch.tensor(np.concatenate([batch.prompts, batch.responses], 1), dtype=torch.long)
-    am = torch.tensor(mask, dtype=torch.long)
-    pos = torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0), dtype=torch.long)
-    targets = torch.tensor(batch.responses, dtype=torch.long)
-    rmask = torch.tensor(batch.response_mask, dtype=torch.float32)
-    w = torch.tensor(weights, dtype=torch.float32)
-    total = rmask.sum().clamp(min=1.0)
-    rows = ids.shape[0] // m
-
-    def run() -> float:
-        opt.zero_grad(set_to_none=True)
-        for i in range(m):
-            s = slice(i * rows, (i + 1) * rows)
-            logits = model(input_ids=ids[s], attention_mask=am[s], position_ids=pos[s]).logits[:, p - 1:-1]
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[s, :, None])[..., 0]
-            loss = -(w[s, None] * logp * rmask[s]).sum() / total  # token_mean over the whole batch
-            loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return float(norm)
-
-    return run, model.config._attn_implementation
+def first_rl_batch(testbed: LanguageTestbed, keys) -> trainer.Batch:
+    """One RL step of the testbed (compiling its sampler and update); the batch its update received."""
+    seen, update = [], testbed.update
+    testbed.update = lambda state, batch: seen.append(batch) or update(state, batch)
+    try:
+        testbed.train(testbed.init_state(), testbed.cfg.sft_steps, 1, keys)
+    finally:
+        testbed.update = update
+    return jax.tree.map(np.asarray, seen[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,82 +222,70 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     q, g, p, n = cfg.questions, cfg.group_size, cfg.prompt_len, cfg.new_tokens
     b, t = q * g, cfg.prompt_len + cfg.new_tokens
     m = cfg.micro_batches if preset == "tiny" else cfg.mid_micro_batches
-    forward = train_forward(graphdef)
-    ucfg = trainer.UpdateConfig(scheme="softmax", tau=0.5, learning_rate=cfg.learning_rate, warmup_steps=0,
-                                micro_batches=m, ppo_epochs=1, aggregation="token_mean", clip_eps=0.2)
-    fresh = lambda c: trainer.init_state(jax.tree.map(jnp.copy, params), c)  # noqa: E731  (update donates)
-
-    prompts, pmask = make_prompts(cfg, mcfg.vocab_size, cfg.seed)
-    sampler = rollout.make_sampler(decode_fns(graphdef), rollout.SamplingConfig(max_new_tokens=n, stop_ids=(),
-                                                                                 pad_id=0), g)
-    keys = iter(range(1, 10 ** 9))
-    out = sampler(params, prompts, pmask, jax.random.key(0))
-    tokens, rmask = np.asarray(out.tokens), np.asarray(out.mask)
-    assert rmask.all(), "no stop id: every row runs to max_new_tokens"
-    batch = make_batch(prompts, pmask, tokens, rmask, host_reward(tokens, rmask, mcfg.vocab_size), g, 0.5)
+    tcfg = train_config(cfg, m)
+    policy = qwen2_policy(graphdef)
+    task = RandomTask(cfg, mcfg.vocab_size, cfg.seed)
+    testbed = LanguageTestbed(tcfg, policy, params, task)
+    keys = {s: jax.random.fold_in(jax.random.key(cfg.seed), i) for i, s in enumerate(testbed.streams)}
+    batch = first_rl_batch(testbed, keys)
+    assert batch.response_mask.all(), "no stop id: every row runs to max_new_tokens"
     dev_batch = jax.device_put(batch)
 
     runs = {}
-    shared_logits = response_logits(graphdef)
-    full_attention = lambda prm, *a: nnx.merge(graphdef, prm)(*a)  # noqa: E731  (qwen2's T x T attention)
 
-    def add_update(name, c, fwd=forward, grouped=True):
-        upd = trainer.make_update(fwd, c, shared_logits if grouped else None)[0]
-        box = [fresh(c)]
+    def stepper(update, state):
+        box = [state]
 
         def run():
-            box[0], metrics = upd(box[0], dev_batch)
+            box[0], metrics = update(box[0], dev_batch)
             return jax.device_get(metrics)
-        runs[name] = run
+        return run
 
-    add_update("update", ucfg)
+    runs["update"] = stepper(testbed.update, testbed.init_state())
     if preset == "tiny":
         for mm in cfg.sweep:
             if mm != m:
-                add_update(f"update_m{mm}", dataclasses.replace(ucfg, micro_batches=mm))
+                c = dataclasses.replace(tcfg, micro_batches=mm)
+                runs[f"update_m{mm}"] = stepper(trainer.make_update(policy.forward, c, policy.response_logits)[0],
+                                                trainer.init_state(params, c))
     if cfg.variants:
-        add_update("per_row", ucfg, grouped=False)
-        add_update("per_row_full_attn", ucfg, fwd=full_attention, grouped=False)
+        full_attention = lambda prm, *a: nnx.merge(graphdef, prm)(*a)  # noqa: E731  (qwen2's T x T attention)
+        for name, fwd in (("per_row", policy.forward), ("per_row_full_attn", full_attention)):
+            runs[name] = stepper(trainer.make_update(fwd, tcfg)[0], trainer.init_state(params, tcfg))
         seq = (dev_batch.prompts, dev_batch.prompt_mask, dev_batch.responses, dev_batch.response_mask)
-        old = jax.jit(lambda prm, *s: trainer.sequence_log_probs(forward, prm, *s)[0])
+        per_row_logits = trainer.response_logits_from_forward(policy.forward)
+        old = jax.jit(lambda prm, *s: trainer.response_log_probs(per_row_logits, prm, *s)[0])
         runs["old_fwd"] = lambda: old(params, *seq).block_until_ready()
     weights = np.asarray(weighting.compute_weights(batch.rewards, "softmax", tau=0.5)).reshape(-1)
     attn_impl = None
     if cfg.torch:
-        import torch
-
-        def threads(fn, k):
-            def run():
-                torch.set_num_threads(k)
-                try:
-                    return fn()
-                finally:
-                    torch.set_num_threads(os.cpu_count() or 1)
-            return run
+        from benchmarks.torch_update import torch_update_fn, with_threads
 
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_model(model, tmp)
             runs["torch"], attn_impl = torch_update_fn(tmp, batch, weights, m, cfg.learning_rate)
             if cfg.torch_1thread:
-                runs["torch_1thread"] = threads(torch_update_fn(tmp, batch, weights, m, cfg.learning_rate)[0], 1)
+                runs["torch_1thread"] = with_threads(torch_update_fn(tmp, batch, weights, m, cfg.learning_rate)[0], 1)
     if cfg.rl_step:
+        prompts, pmask = rollout.left_pad(task.prompt_tokens(range(q), "train"), pad_id=0, length=p)
+        counter = itertools.count(1)
+
         def run_rollout():
-            o = sampler(params, prompts, pmask, jax.random.key(next(keys)))
+            o = testbed.sample(testbed.initial_params, *testbed._shard((prompts, pmask)),  # placed as the step does
+                               jax.random.fold_in(keys["rollout"], next(counter)))
             return np.asarray(o.tokens), np.asarray(o.mask)
         runs["rollout"] = run_rollout
-        rl_update = trainer.make_update(forward, ucfg, shared_logits)[0]
-        rl_box = [fresh(ucfg)]
+        rl_box, rl_steps = [testbed.init_state()], itertools.count(tcfg.sft_steps + 1)
 
-        def run_rl_step():  # rlsoft.train_loop.Loop.rl_step without the Task: sample, score, update
-            st = rl_box[0]
-            o = sampler(st.params, prompts, pmask, jax.random.key(next(keys)))
-            toks, msk = np.asarray(o.tokens), np.asarray(o.mask)
-            rew = host_reward(toks, msk, mcfg.vocab_size)
-            rl_box[0], metrics = rl_update(st, make_batch(prompts, pmask, toks, msk, rew, g, 0.5))
-            return jax.device_get(metrics)
+        def run_rl_step():  # the testbed's own RL step: questions, sample, score, update
+            rl_box[0], metrics = testbed.train(rl_box[0], next(rl_steps), 1, keys)
+            return metrics
         runs["rl_step"] = run_rl_step
 
     first_out, first = first_calls(runs)  # from the initial params
+    # Again: the testbed's update compiles a second time once the state it returns (committed to the
+    # device mesh, unlike a fresh state's scalars) comes back in, as at the experiment's second step.
+    first_calls(runs)
     times = interleaved(runs, repeats)
     sec = {name: float(np.median(v)) for name, v in times.items()}
     best = {name: float(np.min(v)) for name, v in times.items()}
@@ -347,7 +329,8 @@ def bench_preset(preset: str, cfg: BenchConfig, repeats: int) -> dict:
     if cfg.torch:
         out["torch_attn_implementation"] = attn_impl
         # Same weights, batch and loss gradient: the pre-clip gradient norms of the first step agree.
-        out["grad_norm_first_step"] = {"jax": float(first_out["update"]["grad_norm"]), "torch": first_out["torch"]}
+        out["grad_norm_first_step"] = {"jax": float(first_out["update"]["train/grad_norm"]),
+                                       "torch": first_out["torch"]}
         out["ratio_update_over_torch"] = round(tok["update"] / tok["torch"], 2)  # of the medians
         out["ratio_update_over_torch_paired"] = round(paired("update", "torch"), 2)
         if "torch_1thread" in tok:

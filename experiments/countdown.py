@@ -123,7 +123,7 @@ def build(cfg: CountdownConfig):
     """Problems, tokenizer, model and task for `cfg` (the Flax model is created here)."""
     from flax import nnx
 
-    from models import qwen2, qwen2_decode, qwen2_train
+    from models import qwen2
 
     if cfg.data:
         train, test = countdown.load_parquet(cfg.data, with_solutions=cfg.sft_steps > 0 or cfg.inject_gt
@@ -144,9 +144,16 @@ def build(cfg: CountdownConfig):
         model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed))
         task = CountdownTask(train, test, tok, chat=False, stop_ids=(tok.eos_id,))
     graphdef, params = nnx.split(model)
-    policy = PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_train.train_forward(graphdef),
-                         response_logits=qwen2_train.response_logits(graphdef))
-    return policy, params, task
+    return qwen2_policy(graphdef), params, task
+
+
+def qwen2_policy(graphdef) -> PolicyModel:
+    """The testbed's view of a Qwen2: the segmented-cache sampler's decode functions, the blocked
+    training forward and the group-shared-prompt response logits (benchmarks.train_step times these)."""
+    from models import qwen2_decode, qwen2_train
+
+    return PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_train.train_forward(graphdef),
+                       response_logits=qwen2_train.response_logits(graphdef))
 
 
 def stop_ids(tok) -> tuple[int, ...]:

@@ -104,7 +104,9 @@ def clipped_objective(logits: chex.Array, lag_logits: chex.Array, weights: chex.
     return -jnp.sum(q * surrogate)
 
 
-def _loss(params, lag_params, contexts, targets, key, task: NextTokenFns, cfg: ExhaustiveConfig):
+def step_loss(params, lag_params, contexts, targets, key, task: NextTokenFns, cfg: ExhaustiveConfig):
+    """The loss `train_step` differentiates (module docstring): (loss, (metrics, logits)); `key`
+    draws the sampled mode's actions."""
     logits = task.logits_fn(params, contexts)
     probs = jax.lax.stop_gradient(jax.nn.softmax(logits))
     rewards = task.reward_fn(contexts, targets, probs)
@@ -142,7 +144,7 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
     mode's actions."""
     contexts, targets = batch
     policy = state.roles["policy"]
-    (loss, (metrics, logits)), grads = jax.value_and_grad(_loss, has_aux=True)(
+    (loss, (metrics, logits)), grads = jax.value_and_grad(step_loss, has_aux=True)(
         policy.params, state.params("lagged"), contexts, targets, key, task, cfg)
     policy = roles.apply_updates(policy, grads, make_optimizer(cfg))
     grad_norm = optax.tree.norm(grads)

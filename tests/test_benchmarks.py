@@ -1,9 +1,12 @@
 """Smoke runs of the speed benchmarks at toy sizes (the figures themselves are not tested: speed
 targets are reported as ratios by the scripts, never asserted in timed tests)."""
+import pathlib
 import subprocess
 import sys
 
 import pytest
+
+TEXT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 SMALL_WORKLOAD = ["--config=tiny", "--repeats=1", "--prompt_len=16", "--new_tokens=8"]
 
@@ -28,6 +31,18 @@ def test_train_step_benchmark_runs_and_compares_with_torch():
 
         norms = json.loads(stdout.splitlines()[0])["tiny"]["grad_norm_first_step"]
         assert norms["jax"] == pytest.approx(norms["torch"], rel=1e-4)
+
+
+@pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
+def test_char_benchmark_times_the_experiments_step_against_the_per_candidate_baseline():
+    import json
+
+    stdout = _run("benchmarks.char", f"--text_file={TEXT}", "--model_preset=tiny", "--context=8", "--batch=8",
+                  "--chunk=2", "--rounds=1", "--candidates_per_pass=13")
+    figures = json.loads(stdout.splitlines()[0])
+    assert set(figures["seconds_per_step"]) == {"exhaustive", "per_candidate_k13"}
+    assert figures["check"]["grad_rel_diff"] < 1e-5  # the baseline takes the testbed's gradient
+    assert "experiments.char step (2 steps / call)" in stdout
 
 
 def test_rollout_benchmark_runs():

@@ -1,23 +1,26 @@
-"""Exhaustive exploration (rlsoft.exhaustive) and the character GPT (models.char_gpt).
+"""Exhaustive exploration (rlsoft.exhaustive, as the char testbed's step uses it) and the character GPT.
 
 * The exhaustive gradient is the exact expectation of the sampled one where the math says so
   ("raw" and "rloo": E = exhaustive raw; "drgrpo": E = (G - 1)/G times it), checked on a bigram
   table with 20k draws per context within 5 standard errors, with a power check.
 * It equals a brute-force V-pass computation on a real char_gpt (candidate appended, scored at the
-  position that predicts it) to 1e-5, and differs from the seed's wrong-position scoring.
+  position that predicts it) to 1e-5, and differs from the seed's wrong-position scoring; the
+  benchmark's V-pass baseline (benchmarks/per_candidate.py) equals it too.
 * char_gpt: shapes, dtypes, causality, parameter counts of the presets.
+Every loss here is the testbed's own, `rlsoft.exhaustive_loop.step_loss`, on a fixed reward table
+with clip_eps = 0 (the objective of the current policy) and no entropy or KL term.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
+from benchmarks.per_candidate import per_candidate_value_and_grad
 from models import char_gpt
-from rlsoft import exhaustive
+from rlsoft import exhaustive, exhaustive_loop as xl
 from rlsoft.weighting import compute_weights
 
 # --------------------------------------------------------------------------------------------
@@ -38,9 +41,16 @@ def _bigram_problem(seed=0):
     return params, contexts, rewards
 
 
-def _exhaustive_grad(params, contexts, rewards, scheme, mixing="pi", logits_fn=bigram_logits, tau=None):
-    fn = lambda p: exhaustive.exhaustive_loss(p, contexts, rewards, logits_fn, scheme, tau, mixing=mixing)[0]
-    return jax.jit(jax.grad(fn))(params)
+def _loss(params, contexts, rewards, scheme, mixing="pi", logits_fn=bigram_logits, tau=0.5, mode="exhaustive",
+          key=None, group_size=8):
+    """The char testbed's loss on the reward table `rewards` [B,V]."""
+    fns = xl.NextTokenFns(logits_fn, batch_fn=None, reward_fn=lambda contexts, targets, probs: rewards)
+    cfg = xl.ExhaustiveConfig(scheme=scheme, tau=tau, mode=mode, mixing=mixing, group_size=group_size, clip_eps=0.0)
+    return xl.step_loss(params, params, contexts, None, key, fns, cfg)[0]
+
+
+def _exhaustive_grad(params, contexts, rewards, scheme, mixing="pi", logits_fn=bigram_logits, tau=0.5):
+    return jax.jit(jax.grad(lambda p: _loss(p, contexts, rewards, scheme, mixing, logits_fn, tau)))(params)
 
 
 def test_sampled_mean_matches_exhaustive():
@@ -53,11 +63,10 @@ def test_sampled_mean_matches_exhaustive():
     params, contexts, rewards = _bigram_problem()
     group, n_keys = 4, 5_000
     cases = {"raw": 1.0, "rloo": 1.0, "drgrpo": (group - 1) / group}
-    reward_fn = exhaustive.table_reward_fn(rewards)
 
     def one(key):  # the same draws for every scheme (sampling does not depend on the weights)
-        grad = lambda scheme: jax.grad(lambda p: exhaustive.sampled_loss(
-            p, contexts, key, reward_fn, bigram_logits, scheme, group_size=group)[0])(params)
+        grad = lambda scheme: jax.grad(lambda p: _loss(p, contexts, rewards, scheme, mode="sampled", key=key,
+                                                       group_size=group))(params)
         return {scheme: grad(scheme) for scheme in cases}
 
     all_grads = jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(1), n_keys))
@@ -107,45 +116,20 @@ def test_uniform_mixing_identities():
     np.testing.assert_allclose(_exhaustive_grad(params, contexts, onehot, "best_of_n", "uniform"),
                                jax.grad(ce)(params), atol=1e-6)
     rewards = jax.random.normal(jax.random.PRNGKey(5), (B, V))
-    loss, _ = jax.jit(functools.partial(exhaustive.exhaustive_loss, logits_fn=bigram_logits, scheme="softmax",
-                                        tau=0.5, mixing="uniform"))(params, contexts, rewards)
+    loss = jax.jit(lambda p: _loss(p, contexts, rewards, "softmax", "uniform", tau=0.5))(params)
     soft = jax.nn.softmax(rewards / 0.5)
     expected = -jnp.mean(jnp.sum(soft * jax.nn.log_softmax(bigram_logits(params, contexts)), -1))
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
-def test_losses_jit_metrics_and_update():
-    params, contexts, rewards = _bigram_problem()
-    targets = jnp.argmax(rewards, -1)
-    ex = jax.jit(functools.partial(exhaustive.exhaustive_loss, logits_fn=bigram_logits, scheme="linear",
-                                   targets=targets))
-    loss, m = ex(params, contexts, rewards)
-    for k in ("loss", "entropy", "expected_reward", "p_best", "p_target", "accuracy", "weights/effective_n"):
-        assert np.isfinite(m[k]) and m[k].shape == ()
-    np.testing.assert_allclose(m["p_best"], m["p_target"], rtol=1e-6)
-    sm = jax.jit(functools.partial(exhaustive.sampled_loss, reward_fn=exhaustive.table_reward_fn(rewards),
-                                   logits_fn=bigram_logits, scheme="softmax", tau=0.5, group_size=8))
-    _, m2 = sm(params, contexts, jax.random.PRNGKey(0), targets=targets)
-    assert np.isfinite(m2["sampled_reward"]) and np.isfinite(m2["weights/entropy"])
-    tx = optax.sgd(1.0)
-    step = jax.jit(functools.partial(exhaustive.exhaustive_update, logits_fn=bigram_logits, tx=tx, scheme="drgrpo"))
-    state = tx.init(params)
-    first = None
-    for _ in range(20):
-        params, state, m = step(params, state, contexts, rewards)
-        first = m["expected_reward"] if first is None else first
-    assert m["expected_reward"] > first + 0.05
-
-
 @pytest.mark.parametrize("mixing, k", [("pi", 1), ("pi", 6), ("uniform", 2)])
-def test_per_candidate_reference_equals_exhaustive(mixing, k):
-    """The library's V-pass reference on the bigram seen as a sequence model (logits[t] = params[tokens[t]]):
+def test_per_candidate_baseline_equals_exhaustive(mixing, k):
+    """The benchmark's V-pass baseline on the bigram seen as a sequence model (logits[t] = params[tokens[t]]):
     k = 1 is a loop of V passes, k = V one vmapped batch."""
     params, contexts, rewards = _bigram_problem()
-    fn = lambda p: exhaustive.exhaustive_loss(p, contexts, rewards, bigram_logits, "linear", mixing=mixing)[0]
-    ex_loss, ex_grad = jax.jit(jax.value_and_grad(fn))(params)
+    ex_loss, ex_grad = jax.jit(jax.value_and_grad(lambda p: _loss(p, contexts, rewards, "linear", mixing)))(params)
     loss, grad = jax.jit(functools.partial(
-        exhaustive.per_candidate_value_and_grad, sequence_logits_fn=lambda p, t: p[t], scheme="linear",
+        per_candidate_value_and_grad, sequence_logits_fn=lambda p, t: p[t], scheme="linear",
         mixing=mixing, candidates_per_pass=k))(params, contexts, rewards)
     np.testing.assert_allclose(loss, ex_loss, atol=1e-6)
     np.testing.assert_allclose(grad, ex_grad, atol=1e-6)
@@ -154,13 +138,12 @@ def test_per_candidate_reference_equals_exhaustive(mixing, k):
 def test_bad_arguments():
     params, contexts, rewards = _bigram_problem()
     with pytest.raises(ValueError, match="mixing='sampled' is unknown"):
-        exhaustive.exhaustive_loss(params, contexts, rewards, bigram_logits, "raw", mixing="sampled")
+        exhaustive.exhaustive_objective(params[0], rewards[0], mixing="sampled")
     with pytest.raises(ValueError, match="group_size=1 is invalid"):
-        exhaustive.sampled_loss(params, contexts, jax.random.PRNGKey(0), exhaustive.table_reward_fn(rewards),
-                                bigram_logits, "raw", group_size=1)
+        xl.ExhaustiveConfig(mode="sampled", group_size=1)
     seq = lambda p, t: p[t]
     with pytest.raises(ValueError, match="candidates_per_pass=4 is invalid"):
-        exhaustive.per_candidate_value_and_grad(params, contexts, rewards, seq, "raw", candidates_per_pass=4)
+        per_candidate_value_and_grad(params, contexts, rewards, seq, "raw", candidates_per_pass=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +190,7 @@ def _max_diff(a, b):
 def test_exhaustive_equals_brute_force_on_char_gpt(tiny_gpt, mixing):
     graphdef, state, contexts, rewards, brute_force = tiny_gpt
     c_len = contexts.shape[1]
-    fn = lambda p: exhaustive.exhaustive_loss(p, contexts, rewards, char_gpt.logits_fn(graphdef), "linear",
-                                              mixing=mixing)[0]
-    grads = jax.jit(jax.grad(fn))(state)
+    grads = _exhaustive_grad(state, contexts, rewards, "linear", mixing, logits_fn=char_gpt.logits_fn(graphdef))
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(grads)) > 1e-3  # non-trivial
     assert _max_diff(grads, brute_force(mixing, position=c_len - 1)) < 1e-5
     if mixing == "pi":  # the seed's position (logits AFTER the candidate) is a different gradient
