@@ -19,8 +19,8 @@ validates it. An optional section (`critic: X | None = None`) is built from X's 
 of its fields is set; `--critic=none` turns it off. FLAG_ALIASES keep the flat flags users already
 type working after a field moves into a section. `--preset=NAME` (plain, dotted, alias or
 nested-dict keys) applies first, then the other flags. Any bad flag or value prints ONE line
-`prog: error: ...` and exits with code 2, before anything is compiled. config_to_dict /
-config_from_dict / config_diff / replace_path let a resumed run compare its saved JSON config.
+`prog: error: ...` and exits with code 2, before anything is compiled. config_to_dict and
+config_diff let a resumed run compare its saved JSON config.
 """
 from __future__ import annotations
 
@@ -404,11 +404,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _json_values(cls: type, data: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-    return {path: _from_json(v, typ) for path, typ, v in
-            ((*_resolve(cls, k), v) for k, v in _flatten(data).items())}
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
@@ -424,16 +419,3 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[st
     keys = list(old) + [k for k in new if k not in old]
     return {k: (old.get(k), new.get(k)) for k in keys
             if k not in old or k not in new or not _same(old[k], new[k])}
-
-
-def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-    """The config a `config_to_dict` dict (e.g. loaded from a checkpoint's JSON) describes,
-    validated; missing fields take their defaults."""
-    return _assemble(cls, None, _json_values(cls, data), ())
-
-
-def replace_path(cfg: C, dotted: str, value: Any) -> C:
-    """A copy of `cfg` with one (possibly nested or aliased) field replaced, every section on the
-    way rebuilt with dataclasses.replace and so re-validated. JSON forms (lists, "nan", a section
-    as a dict) are converted back, so a `config_diff` value can be put back as it is."""
-    return _assemble(type(cfg), cfg, _json_values(type(cfg), {dotted: value}), ())

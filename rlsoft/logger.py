@@ -61,15 +61,6 @@ class TensorBoardLogger:
         self.close()
 
 
-def read_scalars(path: str) -> dict[str, list[tuple[int, float]]]:
-    """Read scalars back with tensorboard's own event reader (used by tests and notebooks)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def format_table(rows: list[Mapping[str, object]], columns: list[str] | None = None) -> str:
     """A markdown table; floats to 3 decimals."""
     if not rows:

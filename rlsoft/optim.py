@@ -14,14 +14,13 @@ here multiplies by it, nothing branches on it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlsoft.config import check
+from rlsoft.config import check, check_finite
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -50,23 +49,19 @@ class OptimizerConfig:
 
     def __post_init__(self):
         check(self.name in OPTIMIZERS, f"name={self.name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-        _finite(self.learning_rate > 0, "learning_rate", self.learning_rate, "a finite value > 0")
+        check_finite(self.learning_rate > 0, "learning_rate", self.learning_rate, "a finite value > 0")
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} is invalid; need >= 0")
         check(self.schedule in LR_SCHEDULES,
               f"schedule={self.schedule!r} is unknown; allowed: {', '.join(LR_SCHEDULES)}")
         check(self.schedule == "constant" or self.decay_steps >= 1,
               f"decay_steps={self.decay_steps} is invalid; schedule={self.schedule} needs >= 1")
-        _finite(0 <= self.end_lr_fraction <= 1, "end_lr_fraction", self.end_lr_fraction, "0 <= value <= 1")
-        _finite(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a finite value >= 0 (0: off)")
-        _finite(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a finite value >= 0")
+        check_finite(0 <= self.end_lr_fraction <= 1, "end_lr_fraction", self.end_lr_fraction, "0 <= value <= 1")
+        check_finite(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a finite value >= 0 (0: off)")
+        check_finite(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a finite value >= 0")
         for name in ("b1", "b2"):
-            _finite(0 <= getattr(self, name) < 1, name, getattr(self, name), "0 <= value < 1")
-        _finite(self.eps > 0, "eps", self.eps, "a finite value > 0")
-        _finite(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= value < 1")
-
-
-def _finite(ok: bool, name: str, value: float, need: str) -> None:
-    check(bool(ok) and math.isfinite(value), f"{name}={value} is invalid; need {need}")
+            check_finite(0 <= getattr(self, name) < 1, name, getattr(self, name), "0 <= value < 1")
+        check_finite(self.eps > 0, "eps", self.eps, "a finite value > 0")
+        check_finite(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= value < 1")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, phases: Sequence[tuple[int, float]] = ()) -> optax.Schedule:
@@ -122,8 +117,3 @@ def make_optimizer(cfg: OptimizerConfig, phases: Sequence[tuple[int, float]] = (
 def skipped_updates(opt_state: Any) -> jax.Array:
     """Updates skipped so far for a non-finite gradient (int32), from apply_if_finite's state."""
     return jnp.asarray(opt_state.total_notfinite, jnp.int32)
-
-
-def last_update_finite(opt_state: Any) -> jax.Array:
-    """Whether the most recent update was applied (bool scalar)."""
-    return jnp.asarray(opt_state.last_finite)

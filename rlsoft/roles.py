@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlsoft import optim
-
 
 class Role(NamedTuple):
     params: Any
@@ -66,8 +64,3 @@ def apply_updates(role: Role, grads: Any, tx: optax.GradientTransformation) -> R
     """One optimizer step of a trainable role (a non-finite gradient is skipped by apply_if_finite)."""
     updates, opt_state = tx.update(grads, role.opt_state, role.params)
     return Role(optax.apply_updates(role.params, updates), opt_state)
-
-
-def skipped_updates(state: TrainState) -> dict[str, jax.Array]:
-    """Per trainable role, updates skipped so far for a non-finite gradient."""
-    return {name: optim.skipped_updates(r.opt_state) for name, r in state.roles.items() if r.trainable}

@@ -135,12 +135,6 @@ def response_log_probs(logits_fn: ResponseLogitsFn, params, prompts, prompt_mask
     return losses.token_log_probs(logits, responses), losses.token_entropy(logits)
 
 
-def sequence_log_probs(forward: ForwardFn, params, prompts, prompt_mask, responses, response_mask):
-    """`response_log_probs` through a plain forward, prompts [B,P] (left-padded) one per row."""
-    return response_log_probs(response_logits_from_forward(forward), params, prompts, prompt_mask, responses,
-                              response_mask)
-
-
 def group_weights(rewards: jax.Array, scheme: str, tau, batch_tau: jax.Array) -> jax.Array:
     """[Q,G] rewards -> [Q,G] weights; a float tau is the loop's scheduled value (traced)."""
     return weighting.compute_weights(rewards, scheme, tau="auto" if tau == "auto" else batch_tau)

@@ -206,8 +206,6 @@ SCHEMES: dict[str, SchemeFn] = {
 }
 SCHEME_NAMES: tuple[str, ...] = tuple(SCHEMES)
 NEEDS_TAU: frozenset[str] = frozenset({"softmax", "softmax_centered", "quantile_softmax"})
-# Schemes whose weights of an all-equal group are exactly zero (no gradient from such a group).
-CENTRED: frozenset[str] = frozenset({"linear", "drgrpo", "rloo", "softmax_centered", "quantile", "rank"})
 
 
 # --------------------------------------------------------------------------------------------

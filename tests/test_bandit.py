@@ -11,7 +11,7 @@ import pytest
 from envs import bandit as bandit_env
 from experiments import bandit as bandit_exp
 from rlsoft import bandit_sweep, weighting
-from rlsoft.logger import read_scalars
+from tensorboard_events import read_scalars
 
 K, S, T, G = 20, 3, 15, 8
 
@@ -102,17 +102,18 @@ def test_compiled_sweep_equals_step_by_step_replay(optimizer, schemes):
                         swept[name][c, s, t], value, rtol=1e-5, atol=1e-5, err_msg=f"{name} c={c} s={s} t={t}")
 
 
-def test_sweep_does_not_recompile_for_new_values():
+def test_sweep_does_not_recompile_for_new_values(count_compiles):
     envs, policy_keys = _setup()
     kw = dict(num_actions=K, num_steps=T, reward_fn=bandit_env.pull, values_fn=bandit_env.arm_values,
               group_size=G, optimizer="sgd")
     hps = bandit_sweep.make_hparams(["linear", "softmax"], (0.5,), (1.0,))
-    bandit_sweep.sweep(hps, envs, policy_keys, **kw)
-    size = bandit_sweep.sweep._cache_size()
+    jax.block_until_ready(bandit_sweep.sweep(hps, envs, policy_keys, **kw))
+    # New schemes, temperature, learning rate, tasks and keys: values, not shapes.
     hps2 = bandit_sweep.make_hparams(["rank", "softmax_centered"], (0.25,), (2.0,))
-    envs2, keys2 = jax.tree.map(lambda x: x[::-1], (envs, policy_keys))
-    bandit_sweep.sweep(hps2, envs2, keys2, **kw)
-    assert bandit_sweep.sweep._cache_size() == size
+    envs2, keys2 = jax.block_until_ready(jax.tree.map(lambda x: x[::-1], (envs, policy_keys)))
+    with count_compiles() as seen:
+        jax.block_until_ready(bandit_sweep.sweep(hps2, envs2, keys2, **kw))
+    assert seen == []
 
 
 def test_sparse_bandit_is_learned():

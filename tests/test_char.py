@@ -117,7 +117,7 @@ def test_experiment_smoke(tmp_path, capsys):
     assert len(result["sample"]) == 40
     assert [h["step"] for h in result["history"]] == list(range(20))
     assert [h["step"] for h in result["history"] if "eval/top1" in h] == [9, 19]
-    from rlsoft.logger import read_scalars
+    from tensorboard_events import read_scalars
 
     run_dirs = os.listdir(tmp_path)
     assert len(run_dirs) == 1 and run_dirs[0].startswith("char-softmax-tau0.5-seed0-")

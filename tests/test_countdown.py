@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import countdown
-from rlsoft.logger import read_scalars
+from tensorboard_events import read_scalars
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 
 from rlsoft import optim, roles
 from rlsoft.driver import Driver, RunConfig, RunError, prepare_run
-from rlsoft.logger import read_scalars
+from tensorboard_events import read_scalars
 
 
 @dataclasses.dataclass(frozen=True)

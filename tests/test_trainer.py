@@ -17,6 +17,13 @@ def forward(params, tokens, positions, mask):
     return params["table"][tokens] + params["pos"][positions][..., None]
 
 
+def _log_probs(params, b):
+    """Teacher-forced log-probs and entropies of the responses, one prompt per row (the update's path
+    without a group-shared `response_logits`)."""
+    return trainer.response_log_probs(trainer.response_logits_from_forward(forward), params, b.prompts,
+                                      b.prompt_mask, b.responses, b.response_mask)
+
+
 def _params(key=0):
     k1, k2 = jax.random.split(jax.random.PRNGKey(key))
     return {"table": jax.random.normal(k1, (V, V)), "pos": 0.1 * jax.random.normal(k2, (P + N,))}
@@ -81,18 +88,16 @@ def test_loss_is_the_weighted_token_loss_of_the_batch():
     cfg = dataclasses.replace(CFG, clip_eps=0.0)
     _, metrics = _run(cfg, batch)
     params = _params()
-    logp, _ = trainer.sequence_log_probs(forward, params, batch.prompts, batch.prompt_mask, batch.responses,
-                                         batch.response_mask)
+    logp, _ = _log_probs(params, batch)
     w = weighting.compute_weights(batch.rewards, "softmax", tau=0.5).reshape(-1)
     expected = -np.sum(np.asarray(w)[:, None] * np.asarray(logp) * batch.response_mask) / batch.response_mask.sum()
     np.testing.assert_allclose(metrics["train/loss"], expected, rtol=1e-5)
 
 
-def test_sequence_log_probs_align_with_the_response():
+def test_response_log_probs_align_with_the_response():
     params = _params()
     batch = _batch()
-    logp, ent = trainer.sequence_log_probs(forward, params, batch.prompts, batch.prompt_mask, batch.responses,
-                                           batch.response_mask)
+    logp, ent = _log_probs(params, batch)
     # Row 1 (no padding): token j of the response is predicted from the token before it.
     row = 1
     seq = np.concatenate([batch.prompts[row], batch.responses[row]])
@@ -161,13 +166,13 @@ def test_invalid_update_config(field, value):
         dataclasses.replace(CFG, **{field: value})
 
 
-def test_losses_module_matches_trainer_sequence_log_probs():
+def test_losses_module_matches_trainer_response_log_probs():
     params = _params()
     b = _batch()
     tokens = np.concatenate([b.prompts, b.responses], 1)
     mask = np.concatenate([b.prompt_mask, b.response_mask], 1)
     logits = forward(params, tokens, np.maximum(np.cumsum(mask, 1) - 1, 0), mask)[:, P - 1:-1]
-    logp, _ = trainer.sequence_log_probs(forward, params, b.prompts, b.prompt_mask, b.responses, b.response_mask)
+    logp, _ = _log_probs(params, b)
     np.testing.assert_allclose(logp, losses.token_log_probs(logits, jnp.asarray(b.responses)), rtol=1e-6)
 
 
@@ -205,8 +210,7 @@ def test_one_epoch_update_is_adamw_on_the_weighted_log_likelihood_gradient():
     mask = jnp.asarray(batch.response_mask, jnp.float32)
 
     def loss(params):
-        logp, _ = trainer.sequence_log_probs(forward, params, batch.prompts, batch.prompt_mask, batch.responses,
-                                             batch.response_mask)
+        logp, _ = _log_probs(params, batch)
         return -jnp.sum(w[:, None] * logp * mask) / jnp.sum(mask)
 
     params = _params()
@@ -223,7 +227,6 @@ def test_one_epoch_update_is_adamw_on_the_weighted_log_likelihood_gradient():
 def test_policy_entropy_is_logged_without_an_entropy_bonus():
     batch = _batch()
     _, metrics = _run(CFG, batch)  # entropy_coef = 0
-    _, ent = trainer.sequence_log_probs(forward, _params(), batch.prompts, batch.prompt_mask, batch.responses,
-                                        batch.response_mask)
+    _, ent = _log_probs(_params(), batch)
     want = np.sum(np.asarray(ent) * batch.response_mask) / batch.response_mask.sum()
     np.testing.assert_allclose(metrics["train/entropy"], want, rtol=1e-5)
