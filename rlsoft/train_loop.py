@@ -141,7 +141,9 @@ class LanguageTestbed:
         self.initial_params = replicate(params, self.mesh)
 
     def init_state(self) -> roles.TrainState:
-        return trainer.init_state(self.initial_params, self.cfg)
+        # The whole state on the mesh, scalars (step, optimizer counts) included: the update returns
+        # it placed so, and an input placed differently would compile the update a second time.
+        return replicate(trainer.init_state(self.initial_params, self.cfg), self.mesh)
 
     def steps_per_call(self) -> int:
         return 1
@@ -155,7 +157,7 @@ class LanguageTestbed:
         assert num_steps == 1, "the language-model testbed takes one step per call"
         if step == self.cfg.sft_steps and "reference" in state.roles:
             # The KL reference is the model RL starts from (after the warm start).
-            state = state.replace_role("reference", roles.frozen(state.params("policy")))
+            state = state.replace_role("reference", replicate(roles.frozen(state.params("policy")), self.mesh))
         if step < self.cfg.sft_steps:
             return self._sft_step(state, step, keys)
         return self._rl_step(state, step, keys)

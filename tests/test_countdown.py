@@ -90,3 +90,18 @@ def test_same_metrics_on_1_and_8_devices(tmp_path):
     assert json.loads(eight.stdout.strip().splitlines()[-1])["devices"] == 8
     for x, y in zip(_load(tmp_path / "one.npz"), _load(tmp_path / "eight.npz")):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_steps_compile_once(tmp_path, count_compiles):
+    cfg = countdown.parse_flags(countdown.CountdownConfig, _flags(tmp_path, "--kl_coef=0.01"),
+                                presets=countdown.PRESETS)
+    driver = countdown.make_driver(cfg)
+    bed, state = driver.testbed, driver.state
+    state, _ = bed.train(state, 0, 1, driver.keys)  # the first warm-start step compiles
+    with count_compiles() as compiled:
+        state, _ = bed.train(state, 1, 1, driver.keys)
+    assert compiled == []
+    state, _ = bed.train(state, 2, 1, driver.keys)  # the first RL step compiles the sampler and update
+    with count_compiles() as compiled:
+        state, _ = bed.train(state, 3, 1, driver.keys)
+    assert compiled == []
