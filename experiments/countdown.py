@@ -209,7 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if driver.stopped is None:
         history += driver.run().history
     if driver.stopped is None:
-        after = driver.evaluate()["eval/success"]
+        # The driver evaluates at the last step; a resumed run that had nothing left to do has not.
+        last = history[-1] if history else {}
+        after = last["eval/success"] if "eval/success" in last else driver.evaluate()["eval/success"]
         print(f"eval success after RL:  {after:.3f}" + (f"  (before: {before:.3f})" if before is not None else ""))
     driver.close()
     if driver.stopped is not None:

@@ -32,6 +32,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
@@ -295,7 +296,9 @@ class Driver:
         end = total if until is None else min(until, total)
         history: list[dict] = []
         bar = _progress(total, self.step, self.cfg.progress, self.testbed.progress_keys)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Python delivers signals to the main thread only; elsewhere (a worker thread) keep the defaults.
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
         try:
             while self.step < end and self.stopped is None:
                 start = self.step
