@@ -108,10 +108,11 @@ def test_main_trains_an_hf_checkpoint_with_the_chat_prompt(ckpt, tmp_path, capsy
     history = result["history"]
     assert len(history) == 4  # 2 warm-start + 2 RL steps
     rl = [h for h in history if "train/reward" in h]
-    assert len(rl) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    assert len(rl) == 2 and all(np.isfinite(h["train/loss"] if "train/reward" in h else h["sft/loss"])
+                                for h in history)
 
-    loop = result["loop"]
-    task, tok = loop.task, loop.task.tok
+    driver = result["driver"]
+    task, tok = driver.testbed.task, driver.testbed.task.tok
     assert isinstance(tok, hf.Tokenizer) and task.chat
     # GRPO-Zero's prompt, rendered by the checkpoint's own template, survives tokenization exactly.
     problem = task.splits["train"][0]
@@ -134,9 +135,10 @@ def test_main_trains_an_hf_checkpoint_with_the_chat_prompt(ckpt, tmp_path, capsy
     from flax import nnx
 
     graphdef, before = nnx.split(hf.load_model(ckpt))
-    trained = nnx.merge(graphdef, loop.state.params)
+    params = driver.state.params("policy")
+    trained = nnx.merge(graphdef, params)
     changed = [not np.allclose(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(loop.state.params))]
+               for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params))]
     assert any(changed), "training left every parameter unchanged"
     out_dir = str(tmp_path / "export")
     hf.save_model(trained, out_dir)
