@@ -17,6 +17,7 @@ def _run(module, *flags):
     return out.stdout
 
 
+@pytest.mark.slow  # a subprocess run (or several); minutes on a 2-core machine
 def test_train_step_benchmark_runs_and_compares_with_torch():
     try:
         import transformers  # noqa: F401
@@ -33,6 +34,7 @@ def test_train_step_benchmark_runs_and_compares_with_torch():
         assert norms["jax"] == pytest.approx(norms["torch"], rel=1e-4)
 
 
+@pytest.mark.slow  # a subprocess run (or several); minutes on a 2-core machine
 @pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
 def test_char_benchmark_times_the_experiments_step_against_the_per_candidate_baseline():
     import json
@@ -45,6 +47,7 @@ def test_char_benchmark_times_the_experiments_step_against_the_per_candidate_bas
     assert "experiments.char step (2 steps / call)" in stdout
 
 
+@pytest.mark.slow  # a subprocess run (or several); minutes on a 2-core machine
 def test_rollout_benchmark_runs():
     stdout = _run("benchmarks.rollout", *SMALL_WORKLOAD, "--batch=4", "--group_size=2", "--chunk=4", "--hf=false")
     assert "jax" in stdout and "generic" in stdout

@@ -160,6 +160,7 @@ def _subprocess(flags, mode, out, *extra):
                            str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a subprocess run (or several); minutes on a 2-core machine
 @pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
 def test_killed_and_resumed_run_ends_with_bit_identical_params(tmp_path):
     flags = [*SMOKE, "--steps=20", "--chunk=5", "--checkpoint_every=5", "--eval_every=0", "--kl_coef=0.05"]

@@ -65,6 +65,7 @@ def _load(path):
         return [z[k] for k in sorted(z.files, key=lambda k: (k != "step", k))]
 
 
+@pytest.mark.slow  # a subprocess run (or several); minutes on a 2-core machine
 def test_killed_and_resumed_run_ends_with_the_same_params(tmp_path):
     flags = _flags(tmp_path, "--steps=3", "--sft_steps=2", "--checkpoint_every=1", "--eval_every=0")
     ref = _subprocess(flags, "full", tmp_path / "ref.npz")
@@ -81,6 +82,7 @@ def test_killed_and_resumed_run_ends_with_the_same_params(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # a subprocess run (or several); minutes on a 2-core machine
 def test_same_metrics_on_1_and_8_devices(tmp_path):
     flags = _flags(tmp_path, "--steps=2", "--sft_steps=2", "--questions_per_step=8", "--eval_every=0",
                    "--checkpoint_every=0")
