@@ -11,7 +11,7 @@ setup(
         "jax>=0.4.35",
         "flax>=0.10.0",
         "optax>=0.2.3",
-        "orbax-checkpoint>=0.9.0",
+        "orbax-checkpoint>=0.12.0",
         "chex>=0.1.87",
         "numpy>=1.26",
         "scipy>=1.11",
