@@ -188,10 +188,10 @@ def _check_resume(run: RunDir, cfg: Any) -> None:
     if meta is None:
         return
     saved = meta.get("config", {})
-    diff = {k: v for k, v in config_diff(saved, config_to_dict(cfg)).items()
-            if k.split(".")[0] not in RUN_CONTROL}
+    every = config_diff(saved, config_to_dict(cfg))
+    diff = {k: v for k, v in every.items() if k.split(".")[0] not in RUN_CONTROL}
     allowed = set(cfg.resume_override)
-    unknown = sorted(allowed - set(config_diff(saved, config_to_dict(cfg))) - _all_fields(saved))
+    unknown = sorted(allowed - set(every) - _all_fields(saved))
     if unknown:
         raise RunError(f"resume_override={','.join(unknown)} is invalid; no such config field")
     refused = [k for k in diff if k not in allowed]

@@ -65,6 +65,15 @@ def _driver(cfg, **kw):
     return Driver(ToyTestbed(cfg, **kw), cfg, prepare_run(cfg, "toy"))
 
 
+def _run_three_steps(tmp_path):
+    """A run named "r" stopped after the checkpoint of step 3; returns its config."""
+    cfg = ToyConfig(logdir=str(tmp_path), run_name="r")
+    d = _driver(cfg)
+    d.run(until=3)
+    d.close()
+    return cfg
+
+
 def test_two_runs_in_one_logdir_get_their_own_directories(tmp_path):
     cfg = ToyConfig(logdir=str(tmp_path))
     a, b = _driver(cfg), _driver(cfg)
@@ -96,10 +105,7 @@ def test_resume_continues_the_newest_run_and_logs_no_step_twice(tmp_path):
 
 
 def test_resume_refuses_a_changed_field_unless_overridden(tmp_path, capsys):
-    cfg = ToyConfig(logdir=str(tmp_path), run_name="r")
-    d = _driver(cfg)
-    d.run(until=3)
-    d.close()
+    cfg = _run_three_steps(tmp_path)
     changed = dataclasses.replace(cfg, resume=True, tau=1.0)
     with pytest.raises(RunError, match=r"tau differs from the checkpoint \(0.5 -> 1.0\).*--resume_override=tau"):
         prepare_run(changed, "toy")
@@ -180,10 +186,7 @@ def test_keys_are_named_streams_of_the_seed():
 
 
 def test_resume_with_another_model_size_is_one_line_naming_the_field(tmp_path):
-    cfg = ToyConfig(logdir=str(tmp_path), run_name="r")
-    d = _driver(cfg)
-    d.run(until=3)
-    d.close()
+    cfg = _run_three_steps(tmp_path)
     bigger = dataclasses.replace(cfg, resume=True, width=4)
     with pytest.raises(RunError, match=r"width differs from the checkpoint \(1 -> 4\)"):
         prepare_run(bigger, "toy")
