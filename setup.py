@@ -25,6 +25,10 @@ setup(
         "safetensors>=0.4.3",
         "tokenizers>=0.20",
         "jinja2>=3.1",
+        # Tree search over thought tokens (rlsoft/thought_search.py).
+        "mctx>=0.0.5",
+        # IQM and stratified-bootstrap confidence intervals for results tables (rlsoft/stats.py).
+        "rliable>=1.0",
     ],
     extras_require={
         "dev": [
