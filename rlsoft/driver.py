@@ -214,6 +214,12 @@ def _all_fields(saved: Mapping, prefix: str = "") -> set[str]:
     return out
 
 
+def stream_keys(seed: int, streams: Sequence[str]) -> dict[str, jax.Array]:
+    """The named PRNG streams of a run: its root key PRNGKey(seed) split once, one key per stream.
+    (A population testbed derives each member's streams with this from the member's own seed.)"""
+    return dict(zip(streams, jax.random.split(jax.random.PRNGKey(seed), len(streams))))
+
+
 @dataclasses.dataclass
 class RunResult:
     history: list[dict]
@@ -225,8 +231,7 @@ class Driver:
 
     def __init__(self, testbed: Testbed, cfg: Any, run_dir: RunDir, state: Any = None):
         self.testbed, self.cfg, self.run_dir = testbed, cfg, run_dir
-        root = jax.random.PRNGKey(cfg.seed)
-        self.keys = dict(zip(testbed.streams, jax.random.split(root, len(testbed.streams))))
+        self.keys = stream_keys(cfg.seed, testbed.streams)
         self.state = testbed.init_state() if state is None else state
         self.step = 0
         self.checkpointer = self.logger = None
