@@ -1,0 +1,77 @@
+"""Statistics for results tables: a score over seeds as a point estimate with a bootstrap 95% CI.
+
+A claim about a scheme is a comparison over >= 5 seeds with 95% confidence intervals (Agarwal et
+al. 2021, "Deep RL at the edge of the statistical precipice"; their library `rliable`). Scores are
+arranged [runs, tasks] as rliable expects; a single task is [runs, 1].
+
+    summary = interval(scores)                       # mean and its percentile-bootstrap 95% CI
+    summary = interval(scores, aggregate="iqm")      # interquartile mean (rliable's IQM)
+    diff = paired_difference(a, b)                   # mean(a - b) over shared seeds, with its CI
+
+The bootstrap resamples runs (seeds) with replacement, stratified per task (rliable's
+`StratifiedBootstrap`), `reps` times, from a fixed seed so a table is reproducible.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+AGGREGATES = ("mean", "iqm", "median")
+
+
+class Interval(NamedTuple):
+    estimate: float
+    low: float
+    high: float
+    runs: int
+
+    def format(self, digits: int = 3) -> str:
+        """`0.912 [0.871, 0.950]` (n = runs is reported by the table, not here)."""
+        if math.isnan(self.estimate):
+            return "n/a"
+        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def _aggregate(name: str):
+    from rliable import metrics
+
+    fn = {"mean": metrics.aggregate_mean, "iqm": metrics.aggregate_iqm, "median": metrics.aggregate_median}[name]
+    return lambda scores: np.array([fn(scores)])
+
+
+def _scores(scores) -> np.ndarray:
+    x = np.asarray(scores, np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"scores of shape {x.shape} are invalid; need [runs] or [runs, tasks]")
+    return x
+
+
+def interval(scores, aggregate: str = "mean", confidence: float = 0.95, reps: int = 2000, seed: int = 0) -> Interval:
+    """Point estimate and percentile-bootstrap CI of `aggregate` over runs; NaN scores are refused."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r} is unknown; allowed: {', '.join(AGGREGATES)}")
+    x = _scores(scores)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{int(np.sum(~np.isfinite(x)))} scores are not finite; report them, do not average them")
+    if x.shape[0] < 2:
+        v = float(_aggregate(aggregate)(x)[0]) if x.size else math.nan
+        return Interval(v, math.nan, math.nan, x.shape[0])
+    from rliable import library as rly
+
+    point, ci = rly.get_interval_estimates({"x": x}, _aggregate(aggregate), reps=reps,
+                                           confidence_interval_size=confidence,
+                                           random_state=np.random.RandomState(seed))
+    return Interval(float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0]), x.shape[0])
+
+
+def paired_difference(a, b, confidence: float = 0.95, reps: int = 2000, seed: int = 0) -> Interval:
+    """mean(a - b) over the SAME seeds (arms run on shared seeds), with the bootstrap CI of the
+    paired differences: tighter than comparing two independent intervals."""
+    a, b = _scores(a), _scores(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need one shape; got {a.shape} and {b.shape}")
+    return interval(a - b, "mean", confidence, reps, seed)
