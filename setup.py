@@ -29,6 +29,8 @@ setup(
         "mctx>=0.0.5",
         # IQM and stratified-bootstrap confidence intervals for results tables (rlsoft/stats.py).
         "rliable>=1.0",
+        # rliable needs arch < 8, whose 7.x fails to import under pandas 3 (deprecate_kwarg's signature).
+        "pandas<3",
     ],
     extras_require={
         "dev": [
