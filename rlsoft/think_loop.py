@@ -98,12 +98,19 @@ class ThinkFns(NamedTuple):
     eot: Optional[int] = None  # the end-of-thought class; None: always T thoughts
 
 
-def validate(fns: ThinkFns, cfg: ThinkConfig) -> None:
-    """One-line errors for settings this task cannot run (before anything compiles)."""
-    if fns.thinker_logits is None:
-        return
+def count_sequences(num_classes: int, length: int, eot: Optional[int]) -> int:
+    """Distinct thought sequences: A^T, or with an eot (V = A - 1 thoughts) those of l < T thoughts
+    then eot, plus those of T thoughts: sum_{l<T} V^l + V^T."""
+    if eot is None:
+        return num_classes ** length
+    v = num_classes - 1
+    return sum(v ** n for n in range(length)) + v ** length
+
+
+def validate(cfg: ThinkConfig, num_classes: int, length: int, eot: Optional[int]) -> None:
+    """One-line errors for settings this task cannot run (call it before anything compiles)."""
     if cfg.search == "enumerate":
-        n = len(canonical_sequences(fns))
+        n = count_sequences(num_classes, length, eot)
         check(n <= _ENUMERATE_LIMIT, f"search=enumerate is invalid here: {n} thought sequences per question "
               f"(limit {_ENUMERATE_LIMIT}); use --search=mctx")
 

@@ -14,6 +14,8 @@ Eval, on the held-out questions (module `rlsoft.think_loop` for the roles):
   thought_entropy     mean per-token entropy (nats) of the thinker along sampled thoughts
   mutual_information  plug-in I(sampled thoughts; answer) in bits (`think_loop.mutual_information_bits`)
   hand_match          share of greedy thought sequences equal to the hand-made ones
+  train_accuracy      `accuracy` on a fixed sample of training questions (given `train_set`):
+                      what RL fitted, beside what generalised
 """
 from __future__ import annotations
 
@@ -53,16 +55,19 @@ def make_evaluator(fns: tl.ThinkFns):
 
 class ThinkTestbed:
     """`cfg`: a ThinkConfig with `seed`, `population` and `chunk` fields. `init_member(seed) ->
-    (thinker params or None, answerer params)`; `test_set = (questions, answers, hand)` numpy."""
+    (thinker params or None, answerer params)`; `test_set` and `train_set` = (questions, answers,
+    hand thoughts), numpy."""
 
     streams = ("data", "explore", "eval")
     progress_keys = ("train/reward", "train/answer_accuracy", "train/thought_entropy", "eval/accuracy")
 
     def __init__(self, cfg, fns: tl.ThinkFns, init_member: Callable[[int], tuple[Any, Any]], test_set,
-                 total_steps: int):
-        tl.validate(fns, cfg)
+                 total_steps: int, train_set=None):
+        if fns.thinker_logits is not None:
+            tl.validate(cfg, fns.num_classes, fns.length, fns.eot)
         self.cfg, self.fns, self.init_member, self.total_steps = cfg, fns, init_member, total_steps
         self.test_set = tuple(jnp.asarray(x) for x in test_set)
+        self.train_set = None if train_set is None else tuple(jnp.asarray(x) for x in train_set)
         self.seeds = [cfg.seed + p for p in range(cfg.population)]
         member_keys = [stream_keys(s, self.streams) for s in self.seeds]
         self.member_keys = {k: jnp.stack([m[k] for m in member_keys]) for k in self.streams}
@@ -97,6 +102,10 @@ class ThinkTestbed:
         if sampled is not None:
             out["mutual_information"] = np.array([tl.mutual_information_bits(s, np.asarray(answers))
                                                   for s in sampled])
+        if self.train_set is not None:
+            questions, answers, hand = self.train_set
+            out["train_accuracy"] = np.asarray(
+                self._evaluator(state, questions, answers, hand, self.member_keys["eval"])["accuracy"])
         return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
     def evaluate(self, state, keys=None) -> dict[str, float]:

@@ -180,4 +180,5 @@ def test_bad_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="token_epsilon=1.5 is invalid"):
         tl.ThinkConfig(token_epsilon=1.5)
     with pytest.raises(ValueError, match="use --search=mctx"):
-        tl.validate(FNS._replace(length=9, num_classes=4), tl.ThinkConfig(search="enumerate"))
+        tl.validate(tl.ThinkConfig(search="enumerate"), 4, 9, None)
+    assert tl.count_sequences(A + 1, T, A) == len(tl.canonical_sequences(FNS._replace(num_classes=A + 1, eot=A)))
