@@ -7,9 +7,11 @@ The public names, importable from the package (`from rlsoft import compute_weigh
   losses      PolicyLossConfig, policy_loss, sft_loss, token_log_probs, token_entropy
   sampling    SamplingConfig, DecodeFns, make_sampler, categorical
   training    UpdateConfig, make_update, OptimizerConfig, make_optimizer, TrainState, Role
-  testbeds    LanguageTestbed, TrainConfig, PolicyModel, NextTokenTestbed, NextTokenFns, ExhaustiveConfig
-  the driver  Driver, RunConfig, prepare_run, RunError
+  testbeds    LanguageTestbed, TrainConfig, PolicyModel, NextTokenTestbed, NextTokenFns, ExhaustiveConfig,
+              ThinkTestbed, ThinkFns, ThinkConfig, search_sequences
+  the driver  Driver, RunConfig, prepare_run, RunError, stream_keys
   runs        Checkpointer, TensorBoardLogger, parse_flags, make_mesh
+  statistics  interval, paired_difference
 
 Names are imported on first use, so `import rlsoft` stays cheap (no orbax or tensorboardX until
 a run needs them).
@@ -29,7 +31,11 @@ _EXPORTS = {
     "rlsoft.roles": ("TrainState", "Role"),
     "rlsoft.train_loop": ("LanguageTestbed", "TrainConfig", "PolicyModel"),
     "rlsoft.exhaustive_loop": ("NextTokenTestbed", "NextTokenFns", "ExhaustiveConfig"),
-    "rlsoft.driver": ("Driver", "RunConfig", "prepare_run", "RunError"),
+    "rlsoft.think_loop": ("ThinkFns", "ThinkConfig"),
+    "rlsoft.think_testbed": ("ThinkTestbed",),
+    "rlsoft.thought_search": ("search_sequences",),
+    "rlsoft.driver": ("Driver", "RunConfig", "prepare_run", "RunError", "stream_keys"),
+    "rlsoft.stats": ("interval", "paired_difference"),
     "rlsoft.checkpoint": ("Checkpointer",),
     "rlsoft.logger": ("TensorBoardLogger",),
     "rlsoft.config": ("parse_flags",),
