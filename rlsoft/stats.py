@@ -14,6 +14,7 @@ The bootstrap resamples runs (seeds) with replacement, stratified per task (rlia
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -62,9 +63,11 @@ def interval(scores, aggregate: str = "mean", confidence: float = 0.95, reps: in
         return Interval(v, math.nan, math.nan, x.shape[0])
     from rliable import library as rly
 
-    point, ci = rly.get_interval_estimates({"x": x}, _aggregate(aggregate), reps=reps,
-                                           confidence_interval_size=confidence,
-                                           random_state=np.random.RandomState(seed))
+    with warnings.catch_warnings():  # arch's notice that rliable's random_state keyword is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        point, ci = rly.get_interval_estimates({"x": x}, _aggregate(aggregate), reps=reps,
+                                               confidence_interval_size=confidence,
+                                               random_state=np.random.RandomState(seed))
     return Interval(float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0]), x.shape[0])
 
 
