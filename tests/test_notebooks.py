@@ -10,7 +10,7 @@ NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert {"bandit.ipynb", "char.ipynb"} <= {p.name for p in NOTEBOOKS}
+    assert {"bandit.ipynb", "char.ipynb", "think.ipynb"} <= {p.name for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
