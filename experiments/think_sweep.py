@@ -31,7 +31,7 @@ PROG = "python -m experiments.think_sweep"
 # Per modulus: thoughts to spell the answer in base 10, the batch the notes ask for, and steps.
 MODULI = {
     10: ["--modulus=10", "--max_thoughts=1", "--batch_size=32", "--steps=400", "--chunk=100"],
-    100: ["--modulus=100", "--max_thoughts=2", "--batch_size=64", "--steps=1500", "--chunk=100"],
+    100: ["--modulus=100", "--max_thoughts=2", "--batch_size=64", "--steps=1000", "--chunk=100"],
     1000: ["--modulus=1000", "--max_thoughts=3", "--batch_size=64", "--steps=1500", "--chunk=100"],
 }
 COMMON = ["--group_size=16", "--thinker.learning_rate=1e-2", "--answerer.learning_rate=3e-3", "--eval_every=0",
