@@ -90,3 +90,67 @@ def test_benchmark_numeric_flags_exit_2(module, flag, capsys, monkeypatch):
     err = out.err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0] and flag[2:].split("=")[0] in err[0], err
     assert out.out == ""
+
+
+@pytest.fixture
+def think_bench(monkeypatch):
+    """benchmarks.think (its configs need torch), imported with its OMP_WAIT_POLICY default kept out
+    of later subprocesses."""
+    import os
+
+    pytest.importorskip("torch")
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    from benchmarks import think
+
+    return think
+
+
+def test_think_benchmark_times_the_population_against_torch(tmp_path, capsys, think_bench):
+    # In-process, toy sizes, one compile (no P = 1 member): the figures' keys and that they are finite.
+    import json
+    import math
+
+    think = think_bench
+    out = tmp_path / "think.json"
+    figures = think.main(["--batch_size=4", "--group_size=2", "--d_model=8", "--n_layer=1", "--n_head=2",
+                          "--population=2", "--chunk=1", "--rounds=1", "--torch_steps=1", "--member=false",
+                          "--threads=1", "--matmul_n=64", f"--out={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    stdout = capsys.readouterr().out
+    assert json.loads(stdout.splitlines()[0]) == json.loads(json.dumps(figures))
+    assert "| JAX population, P=2 (1 steps / call) |" in stdout and "| PyTorch, original style" in stdout
+    assert set(figures["seed_steps_per_s"]) == {"jax_population", "torch"}
+    assert figures["speedup_member_vs_torch"] is None
+    rates = [*figures["seed_steps_per_s"].values(), *figures["gflop_per_s"].values(),
+             *figures["matmul_gflop_per_s"].values(), figures["speedup_population_vs_torch"]]
+    assert all(math.isfinite(v) and v > 0 for v in rates), rates
+    assert figures["steps_per_s"]["jax_population"] == pytest.approx(figures["seed_steps_per_s"]["jax_population"] / 2,
+                                                                     rel=1e-3)
+    flops = figures["flops_per_seed_step"]
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total") > 0
+    for losses in figures["losses"].values():
+        assert all(math.isfinite(x) for x in losses["first_call"] + losses["after_rounds"])
+    assert figures["torch_threads"] == 1 and figures["jax_devices"] and len(figures["loadavg_start"]) == 3
+
+
+def test_think_benchmark_flops_per_step_by_hand(think_bench):
+    think = think_bench
+    cfg = think.BenchConfig(batch_size=2, group_size=3, d_model=4, n_layer=1, n_head=2, modulus=10,
+                            thought_vocab=10, max_thoughts=1, num_operands=1)
+    # thinker: n = k + T - 1 = 1 token, h = 1 head position, W = 10 + 10 + 2 = 22; rows = 6
+    th = 6 * (1 * 1 * (24 * 16 + 4 * 1 * 4) + 1 * 2 * 4 * 22)
+    # answerer: n = T + 1 = 2 tokens, h = 1
+    ans = lambda rows: rows * (2 * 1 * (24 * 16 + 4 * 2 * 4) + 2 * 4 * 22)
+    assert think.flops_per_step(cfg) == {"sample": th, "thinker_fwd_bwd": 3 * th, "reward": ans(6),
+                                         "answerer_fwd_bwd": 3 * ans(2), "total": 4 * th + ans(6) + 3 * ans(2)}
+
+
+@pytest.mark.parametrize("flag", ["--chunk=0", "--population=0", "--rounds=0", "--torch_steps=0", "--threads=-1",
+                                  "--learning_rate=nan", "--seed=-1", "--max_thoughts=1", "--group_size=1"])
+def test_think_benchmark_flags_exit_2(flag, capsys, think_bench):
+    with pytest.raises(SystemExit) as e:
+        think_bench.main([flag])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0] and out.out == "", err
