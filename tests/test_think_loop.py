@@ -135,6 +135,7 @@ def _population(cfg, steps):
     return testbed, state
 
 
+@pytest.mark.slow  # four compiles of the chunk
 def test_population_equals_separate_runs():
     cfg = Cfg(population=3, thinker=sgd(0.3), answerer=sgd(0.3), group_size=4, token_epsilon=0.1)
     _, pop = _population(cfg, 3)
@@ -143,6 +144,7 @@ def test_population_equals_separate_runs():
         chex.assert_trees_all_close(tl.unstack_member(pop, p), tl.unstack_member(single, 0), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # two compiles
 def test_compiled_chunk_equals_step_by_step():
     cfg = Cfg(thinker=sgd(0.3), answerer=sgd(0.3), group_size=4, epsilon=0.5, epsilon_decay=0.9)
     testbed, chunked = _population(cfg, 4)
