@@ -105,6 +105,7 @@ def think_bench(monkeypatch):
     return think
 
 
+@pytest.mark.slow  # one compile of the experiment's population step: ~45 s of CPU
 def test_think_benchmark_times_the_population_against_torch(tmp_path, capsys, think_bench):
     # In-process, toy sizes, one compile (no P = 1 member): the figures' keys and that they are finite.
     import json
