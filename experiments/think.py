@@ -109,7 +109,7 @@ def build(cfg: ThinkExperimentConfig):
         return questions, answers, task.hand_thoughts(answers)
 
     fns = tl.ThinkFns(thinker_logits, answer_logits, batch_fn, length=cfg.max_thoughts, num_classes=classes,
-                      eot=None if cfg.fixed_length else tcfg.eot)
+                      eot=None if cfg.fixed_length else tcfg.eot, blind=cfg.blind)
 
     def init_member(seed: int):
         (_, th), (_, ans) = thinking.init_models(mcfg, seed)

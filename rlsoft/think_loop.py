@@ -96,6 +96,7 @@ class ThinkFns(NamedTuple):
     length: int  # T, thought tokens per sequence
     num_classes: int  # A, thought classes (eot included when there is one)
     eot: Optional[int] = None  # the end-of-thought class; None: always T thoughts
+    blind: bool = False  # the answerer ignores the question: rewards may be scored per distinct sequence
 
 
 def count_sequences(num_classes: int, length: int, eot: Optional[int]) -> int:
@@ -128,9 +129,14 @@ def canonicalize(thoughts: chex.Array, eot: Optional[int]) -> chex.Array:
 
 
 @functools.lru_cache(maxsize=None)
+def _every_sequence(num_classes: int, length: int) -> np.ndarray:
+    with jax.ensure_compile_time_eval():
+        return np.asarray(thought_search.enumerate_sequences(num_classes, length, max_sequences=2**22))
+
+
+@functools.lru_cache(maxsize=None)
 def _canonical_sequences(num_classes: int, length: int, eot: Optional[int]) -> np.ndarray:
-    with jax.ensure_compile_time_eval():  # a constant, also when first asked inside a jit trace
-        every = np.asarray(thought_search.enumerate_sequences(num_classes, length, max_sequences=2**22))
+    every = _every_sequence(num_classes, length)
     if eot is None:
         return every
     ended = np.cumsum(every == eot, axis=1) - (every == eot) > 0  # past the first eot
@@ -144,23 +150,24 @@ def canonical_sequences(fns: ThinkFns) -> np.ndarray:
 
 
 def sample_thoughts(key: chex.PRNGKey, logits_at: Callable, n: int, fns: ThinkFns, epsilon: chex.Numeric,
-                    token_epsilon: float) -> chex.Array:
+                    token_epsilon: float, first_logits: Optional[chex.Array] = None) -> chex.Array:
     """n thought sequences [n,T], token by token with `rlsoft.rollout.categorical`.
 
-    `logits_at(thoughts [n,T], t) -> [n,A]` (causal: reads thoughts[:, :t] only). With probability
-    `epsilon` the whole batch is uniform random; each token independently with `token_epsilon`.
+    `logits_at(thoughts [n,T], t) -> [n,A]` (causal: reads thoughts[:, :t] only). The first
+    position reads the question alone, so a caller may pass its logits [n,A] computed once per
+    question (`first_logits`) instead of a pass over all n rows. With probability `epsilon` the
+    whole batch is uniform random; each token independently with `token_epsilon`.
     """
     k_all, k_tok = jax.random.split(key)
     uniform_step = jax.random.uniform(k_all) < epsilon
-
-    def body(thoughts, t):
+    thoughts = jnp.zeros((n, fns.length), jnp.int32)
+    for t in range(fns.length):  # T is small and static: unrolled
         k_pol, k_eps, k_uni = jax.random.split(jax.random.fold_in(k_tok, t), 3)
-        policy = categorical(k_pol, logits_at(thoughts, t))
+        logits = first_logits if t == 0 and first_logits is not None else logits_at(thoughts, t)
+        policy = categorical(k_pol, logits)
         explore = uniform_step | (jax.random.uniform(k_eps, (n,)) < token_epsilon)
         uniform = jax.random.randint(k_uni, (n,), 0, fns.num_classes)
-        return thoughts.at[:, t].set(jnp.where(explore, uniform, policy).astype(jnp.int32)), None
-
-    thoughts, _ = jax.lax.scan(body, jnp.zeros((n, fns.length), jnp.int32), jnp.arange(fns.length))
+        thoughts = thoughts.at[:, t].set(jnp.where(explore, uniform, policy).astype(jnp.int32))
     return canonicalize(thoughts, fns.eot)
 
 
@@ -186,6 +193,17 @@ def answer_log_prob(fns: ThinkFns, params: Any, questions, thoughts, answers) ->
     return jnp.take_along_axis(logp, answers[:, None], axis=-1)[:, 0]
 
 
+def blind_answer_log_prob(fns: ThinkFns, params: Any, thoughts, answers, num_operands: int) -> chex.Array:
+    """`answer_log_prob` for an answerer that reads only the thoughts: one pass over the A^T
+    possible sequences (canonicalized), then a gather, instead of one per row (cheaper when the
+    batch holds more rows than there are sequences)."""
+    every = jnp.asarray(_every_sequence(fns.num_classes, fns.length))
+    no_question = jnp.zeros((every.shape[0], num_operands), jnp.int32)  # a blind answerer does not read it
+    table = jax.nn.log_softmax(fns.answer_logits(params, no_question, canonicalize(every, fns.eot)))
+    place = fns.num_classes ** jnp.arange(fns.length - 1, -1, -1)
+    return table[jnp.sum(thoughts * place, axis=-1), answers]
+
+
 # --------------------------------------------------------------------------------------------
 # One step.
 
@@ -205,6 +223,8 @@ def _explore(fns: ThinkFns, cfg: ThinkConfig, th_params, ans_params, questions, 
     def reward(q, thoughts, a, h):
         if cfg.clean:
             return jnp.all(thoughts == h, axis=-1).astype(jnp.float32)
+        if fns.blind and 2 * fns.num_classes ** t <= thoughts.shape[0]:
+            return blind_answer_log_prob(fns, sg(ans_params), thoughts, a, q.shape[1])
         return answer_log_prob(fns, sg(ans_params), q, thoughts, a)
 
     if cfg.search == "mctx":
@@ -223,8 +243,9 @@ def _explore(fns: ThinkFns, cfg: ThinkConfig, th_params, ans_params, questions, 
         g = cfg.group_size
         rep = jnp.repeat(questions, g, axis=0)
         eps = cfg.epsilon * jnp.power(cfg.epsilon_decay, step.astype(jnp.float32))
+        first = fns.thinker_logits(sg(th_params), questions, jnp.zeros((b, t), jnp.int32))[:, 0]
         thoughts = sample_thoughts(key, thinker_logits_at(fns, sg(th_params), rep), b * g, fns, eps,
-                                   cfg.token_epsilon).reshape(b, g, t)
+                                   cfg.token_epsilon, first_logits=jnp.repeat(first, g, axis=0)).reshape(b, g, t)
     g = thoughts.shape[1]
     flat = lambda x: jnp.repeat(x, g, axis=0)
     r = reward(flat(questions), thoughts.reshape(b * g, t), flat(answers), flat(hand))

@@ -67,6 +67,18 @@ def test_device_reward_is_the_answerers_log_prob():
     chex.assert_trees_all_close(tl.answer_log_prob(FNS, ans, q, thoughts, a), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("eot", [None, A - 1])
+def test_blind_reward_table_equals_the_per_row_reward(eot):
+    """A blind answerer's rewards from one pass over the A^T sequences and a gather."""
+    fns = FNS._replace(eot=eot, blind=True)
+    _, ans = init_member(0)
+    thoughts = tl.canonicalize(jax.random.randint(jax.random.PRNGKey(6), (32, T), 0, A), eot)
+    answers = jax.random.randint(jax.random.PRNGKey(7), (32,), 0, M)
+    q = jnp.zeros((32, 1), jnp.int32)
+    chex.assert_trees_all_close(tl.blind_answer_log_prob(fns, ans, thoughts, answers, 1),
+                                tl.answer_log_prob(fns, ans, q, thoughts, answers), rtol=1e-6)
+
+
 def test_reward_gradient_reaches_the_answerer_only_through_its_own_loss():
     """The reward is a stop-gradient: the answerer's gradient is that of L_ans alone, and the
     thinker's is the weighted log-likelihood of its samples."""
