@@ -58,6 +58,17 @@ ROWS = {
     "blind_super_clean_weight_decay": BSUPER + ["--clean", "--scheme=softmax", "--tau=0.25",
                                                 "--answerer.weight_decay=0.1", "--thinker.weight_decay=0.1"],
 }
+# Paired differences (same seeds in both cells): one variable at a time.
+COMPARISONS = (
+    ("blind_super_logp_softmax", "blind_super_logp_linear", "train_accuracy"),  # weighting scheme
+    ("blind_super_clean", "blind_super_logp_softmax", "train_accuracy"),  # does softmax recover clean?
+    ("blind_super_logp_softmax_enumerate", "blind_super_logp_softmax", "train_accuracy"),  # search
+    ("blind_super_logp_mctx", "blind_super_logp_softmax", "train_accuracy"),
+    ("blind_super_logp_softmax", "blind_logp_softmax", "train_accuracy"),  # super
+    ("blind_super_logp_softmax", "blind_super_logp_softmax_no_entropy", "train_accuracy"),  # entropy bonus
+    ("blind_super_logp_softmax", "blind_super_logp_softmax_epsilon", "train_accuracy"),  # exploration
+    ("no_think", "blind_super_clean", "accuracy"),  # held out: thinking vs answering directly
+)
 METRICS = ("accuracy", "train_accuracy", "hand_accuracy", "shuffled_accuracy", "hand_match", "thought_entropy",
            "mutual_information")
 
@@ -111,6 +122,14 @@ def table(out: str) -> str:
             cells.append("-" if v is None else stats.interval(np.asarray(v)).format(2))
         cells.append(f"{r['wall_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
+    cells = {(r["row"], r["modulus"]): r for r in records}
+    diffs = [(a, b, m, mod) for mod in sorted({r["modulus"] for r in records}) for a, b, m in COMPARISONS
+             if (a, mod) in cells and (b, mod) in cells]
+    if diffs:
+        lines += ["", "| M | A - B (paired over shared seeds) | metric | mean [95% CI] |", "|---|---|---|---|"]
+        for a, b, m, mod in diffs:
+            d = stats.paired_difference(cells[a, mod]["final"][m], cells[b, mod]["final"][m])
+            lines.append(f"| {mod} | {a} - {b} | {m} | {d.format(2)} |")
     return "\n".join(lines)
 
 
