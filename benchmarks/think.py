@@ -32,13 +32,16 @@ LayerNorms, softmaxes, GELU and the optimizer are left out), with the JAX model'
         QK^T and AV 4 n d), the LM head (d -> W = M + V + 2) on h positions
     thinker     n = k + T - 1 (question + all thoughts but the last), h = T
     answerer    n = T + 1 (blind: thoughts + ASK), h = 1 (the last position)
-    step = T * fwd_th(B G)          sampling: one teacher-forced pass per thought position
+    torch step = T * fwd_th(B G)    sampling: one teacher-forced pass per thought position
          + 3 * fwd_th(B G)          the thinker's forward + backward (backward = 2 x forward)
          + fwd_ans(B G)             the reward: the answerer on every sampled sequence
          + 3 * fwd_ans(B)           the answerer's forward + backward on the hand-made thoughts
+    JAX step: the same, but the first thought is sampled from one pass per question,
+         fwd_th(B) + (T - 1) fwd_th(B G), and the blind answerer's reward is one pass over the
+         V^T possible sequences, fwd_ans(V^T), when 2 V^T <= B G (rlsoft.think_loop)
 
-The same count is used for torch (its shapes differ slightly: it grows the sequence during
-sampling and unembeds every position), so achieved GFLOP/s = FLOPs x seed-steps/s for both. They
+(torch's shapes differ slightly: it grows the sequence during sampling and unembeds every
+position), so achieved GFLOP/s = each side's FLOPs x its seed-steps/s. They
 are compared with the f32 matmul rate measured in the same run, after every round: a jitted
 [n x n] @ [n x n] (`matmul_n`) and the model's own MLP matmul [B G (k+T-1), d] @ [d, 4d].
 
@@ -129,8 +132,8 @@ class BenchConfig:
             weight_decay=self.weight_decay, entropy_coef=self.entropy_coef, threads=self.threads)
 
 
-def flops_per_step(cfg: BenchConfig) -> dict[str, int]:
-    """One member's step, by part (module docstring)."""
+def flops_per_step(cfg: BenchConfig, impl: str = "torch") -> dict[str, int]:
+    """One member's step, by part, of `impl` "torch" or "jax" (module docstring)."""
     d, layers, k, t = cfg.d_model, cfg.n_layer, cfg.num_operands, cfg.max_thoughts
     width = cfg.modulus + cfg.thought_vocab + 2
     rows = cfg.batch_size * cfg.group_size
@@ -138,8 +141,14 @@ def flops_per_step(cfg: BenchConfig) -> dict[str, int]:
     def fwd(r, n, h):
         return r * (n * layers * (24 * d * d + 4 * n * d) + h * 2 * d * width)
 
-    parts = {"sample": t * fwd(rows, k + t - 1, t), "thinker_fwd_bwd": 3 * fwd(rows, k + t - 1, t),
-             "reward": fwd(rows, t + 1, 1), "answerer_fwd_bwd": 3 * fwd(cfg.batch_size, t + 1, 1)}
+    sample = t * fwd(rows, k + t - 1, t)
+    reward_rows = rows
+    if impl == "jax":
+        sample = fwd(cfg.batch_size, k + t - 1, t) + (t - 1) * fwd(rows, k + t - 1, t)
+        if 2 * cfg.thought_vocab ** t <= rows:
+            reward_rows = cfg.thought_vocab ** t
+    parts = {"sample": sample, "thinker_fwd_bwd": 3 * fwd(rows, k + t - 1, t),
+             "reward": fwd(reward_rows, t + 1, 1), "answerer_fwd_bwd": 3 * fwd(cfg.batch_size, t + 1, 1)}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -221,9 +230,9 @@ def main(argv=None) -> dict:
     rate = {name: seed_steps[name] / np.asarray(t) for name, t in times.items()}  # seed-steps/s per round
     med = {name: float(np.median(r)) for name, r in rate.items()}
     per_round_vs_torch = {name: rate[name] / rate["torch"] for name in runs}
-    flops = flops_per_step(cfg)
+    flops = {impl: flops_per_step(cfg, impl) for impl in ("jax", "torch")}
     matmul = {name: float(np.median(flops_ / np.asarray(probe_s[name]))) for name, (_, flops_) in probes.items()}
-    gflops = {name: flops["total"] * r / 1e9 for name, r in med.items()}
+    gflops = {name: flops["torch" if name == "torch" else "jax"]["total"] * r / 1e9 for name, r in med.items()}
     steps_per_call = {name: seed_steps[name] // (cfg.population if name == "jax_population" else 1) for name in runs}
     figures = {
         "workload": dict(M=cfg.modulus, k=cfg.num_operands, V=cfg.thought_vocab, T=cfg.max_thoughts,

@@ -127,8 +127,8 @@ def test_think_benchmark_times_the_population_against_torch(tmp_path, capsys, th
     assert all(math.isfinite(v) and v > 0 for v in rates), rates
     assert figures["steps_per_s"]["jax_population"] == pytest.approx(figures["seed_steps_per_s"]["jax_population"] / 2,
                                                                      rel=1e-3)
-    flops = figures["flops_per_seed_step"]
-    assert flops["total"] == sum(v for k, v in flops.items() if k != "total") > 0
+    for flops in figures["flops_per_seed_step"].values():
+        assert flops["total"] == sum(v for k, v in flops.items() if k != "total") > 0
     for losses in figures["losses"].values():
         assert all(math.isfinite(x) for x in losses["first_call"] + losses["after_rounds"])
     assert figures["torch_threads"] == 1 and figures["jax_devices"] and len(figures["loadavg_start"]) == 3
@@ -144,6 +144,11 @@ def test_think_benchmark_flops_per_step_by_hand(think_bench):
     ans = lambda rows: rows * (2 * 1 * (24 * 16 + 4 * 2 * 4) + 2 * 4 * 22)
     assert think.flops_per_step(cfg) == {"sample": th, "thinker_fwd_bwd": 3 * th, "reward": ans(6),
                                          "answerer_fwd_bwd": 3 * ans(2), "total": 4 * th + ans(6) + 3 * ans(2)}
+    # JAX: the first thought from one pass per question (2 rows, not 6); V^T = 10 > 6 / 2: no reward table
+    jax_th = th // 3
+    assert think.flops_per_step(cfg, "jax") == {"sample": jax_th, "thinker_fwd_bwd": 3 * th, "reward": ans(6),
+                                                "answerer_fwd_bwd": 3 * ans(2),
+                                                "total": jax_th + 3 * th + ans(6) + 3 * ans(2)}
 
 
 @pytest.mark.parametrize("flag", ["--chunk=0", "--population=0", "--rounds=0", "--torch_steps=0", "--threads=-1",
