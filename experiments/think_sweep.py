@@ -48,6 +48,9 @@ ROWS = {
     "blind_logp_softmax": ["--blind", "--scheme=softmax", "--tau=0.5"],
     "blind_super_clean_enumerate": BSUPER + ["--clean", "--scheme=softmax", "--tau=0.25", "--search=enumerate"],
     "blind_super_logp_softmax_enumerate": BSUPER + ["--scheme=softmax", "--tau=0.5", "--search=enumerate"],
+    # Enumeration scores V^T thoughts per question: at M = 100 that is 100 x the batch, so a smaller batch.
+    "blind_super_clean_enumerate_b16": BSUPER + ["--clean", "--scheme=softmax", "--tau=0.25", "--search=enumerate",
+                                                 "--batch_size=16", "--steps=500"],
     "blind_super_clean_mctx": BSUPER + ["--clean", "--search=mctx", "--num_simulations=16"],
     "blind_super_logp_mctx": BSUPER + ["--search=mctx", "--num_simulations=16"],
     "blind_logp_mctx": ["--blind", "--search=mctx", "--num_simulations=16"],
