@@ -12,12 +12,14 @@ given as a pytree `env` and a pure `reward_fn(env, key, actions) -> rewards` plu
 `values_fn(env) -> [K]` (the expected reward of each action, for p(best) and the expected return);
 this module knows no task.
 
-`run` is a whole training run as one `lax.scan`; `sweep` vmaps it over seeds and over a grid of
-(scheme, tau, learning rate), so one compiled call covers the whole comparison. Schemes are
-vmapped as indices through `weighting.compute_weights_by_index`.
+`run` is a whole training run as one `lax.scan` (its records; `run_metrics` turns them into
+metrics after the scan); `sweep` vmaps both over seeds and over a grid of (scheme, tau, learning
+rate), so one compiled call covers the whole comparison. Schemes are vmapped as indices through
+`weighting.compute_weights_by_index`.
 
 PRNG: each seed's key is split once into named streams by the caller (task vs policy); the step
-key is `fold_in(policy_key, step)`, so a step-by-step replay sees exactly the same randomness.
+key is `fold_in(policy_key, step)`, so a step-by-step replay (`policy_step`) sees exactly the same
+randomness as `run`, which draws every step's randomness before its scan (`run_randomness`).
 """
 from __future__ import annotations
 
@@ -29,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlsoft import optim, weighting
-from rlsoft.rollout import categorical
+from rlsoft import optim, rollout, weighting
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -97,34 +98,71 @@ def weighted_nll_grad(probs: chex.Array, actions: chex.Array, weights: chex.Arra
     return (jnp.sum(weights) / g * probs).at[actions].add(-weights / g)
 
 
-def policy_step(
+def grads_all_finite(grads: chex.Array, actions: chex.Array) -> chex.Array:
+    """all(isfinite(grads)) for `weighted_nll_grad(softmax(logits), actions, w)`, from G entries.
+
+    The optimizer's non-finite guard needs this verdict every step; reducing isfinite over all K
+    entries (what optax.apply_if_finite does) cost ~8% of a bandit step. Reading only the sampled
+    entries is exact: softmax gives probs that are all finite in [0, 1] or all NaN (a NaN or +inf
+    logit makes every exp(z - max z) NaN), and an unsampled entry is c * p with c = sum(w) / G. If
+    c and p are finite, |c * p| <= |c| is finite; if c or p is not, c * p is inf or NaN for every
+    entry, and so is each sampled entry c * p - (its w_i / G terms) (inf + anything is inf or NaN).
+    """
+    return jnp.all(jnp.isfinite(grads[actions]))
+
+
+def step_randomness(key: chex.PRNGKey, group_size: int) -> tuple[chex.Array, chex.PRNGKey]:
+    """A step's randomness from its key fold_in(policy_key, step): the [1, G] uniforms its actions
+    are drawn with (as `rollout.categorical(sample_key, ...)` draws them) and the reward key."""
+    sample_key, reward_key = jax.random.split(key)
+    return rollout.sampling_uniforms(sample_key, 1, group_size), reward_key
+
+
+def run_randomness(policy_key: chex.PRNGKey, num_steps: int, group_size: int):
+    """`step_randomness` of every step ([num_steps] leading), drawn in one vectorised call before
+    `run`'s scan: the same values, but XLA:CPU runs each threefry call as a 5-round loop, and the
+    three calls (fold_in, split, uniform) inside every step cost more than the step's O(K) work."""
+    draw = lambda t: step_randomness(jax.random.fold_in(policy_key, t), group_size)  # noqa: E731
+    return jax.vmap(draw)(jnp.arange(num_steps))
+
+
+def policy_step(hp: HParams, env: Any, state: PolicyState, key: chex.PRNGKey, *, reward_fn: RewardFn,
+                values_fn: ValuesFn, group_size: int, optimizer: str) -> tuple[PolicyState, dict[str, chex.Array]]:
+    """`step_given` with the randomness of the step key `key` (a step-by-step replay of `run`)."""
+    return step_given(hp, env, state, step_randomness(key, group_size), reward_fn=reward_fn, values_fn=values_fn,
+                      group_size=group_size, optimizer=optimizer)
+
+
+def step_given(
     hp: HParams,
     env: Any,
     state: PolicyState,
-    key: chex.PRNGKey,
+    randomness: tuple[chex.Array, chex.PRNGKey],
     *,
     reward_fn: RewardFn,
     values_fn: ValuesFn,
     group_size: int,
     optimizer: str,
 ) -> tuple[PolicyState, dict[str, chex.Array]]:
-    """One pure step: sample G actions, reward, weight, update.
+    """One pure step given its `step_randomness`: sample G actions, reward, weight, update.
 
     Returns the new state and the step's record: the group (actions, rewards, weights, log-probs
-    of the actions), the K-sized statistics of the pre-update policy (p_best, expected_reward,
-    grad_norm) and the optimizer's count of skipped updates. `step_metrics` turns a record into the logged metrics; it is
-    applied after the scan, vectorised over all steps at once, because a dozen G-sized
-    reductions per step would cost more than the step's O(K) work.
+    of the actions) and the K-sized statistics of the pre-update policy (p_best, expected_reward,
+    grad_norm; NaN grad_norm marks a skipped update). `step_metrics` turns a record into the logged
+    metrics; it is applied after the scan, vectorised over all steps at once, because a dozen
+    G-sized reductions per step would cost more than the step's O(K) work.
     """
-    sample_key, reward_key = jax.random.split(key)
+    uniforms, reward_key = randomness
     logits = state.logits
     z = logits[None]  # [1,K]: the sampler's row; softmax of the same row shares its exp (XLA CSE)
     probs = jax.nn.softmax(z)[0]
-    actions = categorical(sample_key, z, group_size)[0]
+    actions = rollout.inverse_cdf(uniforms, z)[0]
     rewards = reward_fn(env, reward_key, actions)
     weights = weighting.compute_weights_by_index(rewards, hp.scheme_index, hp.tau)
     grads = weighted_nll_grad(probs, actions, weights)
-    updates, opt_state = make_optimizer(optimizer, hp.learning_rate).update(grads, state.opt_state, logits)
+    all_finite = grads_all_finite(grads, actions)
+    updates, opt_state = make_optimizer(optimizer, hp.learning_rate).update(
+        grads, state.opt_state, logits, all_finite=all_finite)
 
     values = values_fn(env)
     record = {
@@ -134,8 +172,8 @@ def policy_step(
         "logp_actions": jnp.log(probs[actions]),
         "p_best": jnp.sum(jnp.where(values == jnp.max(values), probs, 0.0)),
         "expected_reward": jnp.dot(probs, values),
-        "grad_norm": jnp.sqrt(jnp.sum(grads * grads)),
-        "skipped_updates": optim.skipped_updates(opt_state),
+        # NaN marks a skipped update (no gradient was applied): `run_metrics` counts them from it.
+        "grad_norm": jnp.where(all_finite, jnp.sqrt(jnp.sum(grads * grads)), jnp.nan),
     }
     return PolicyState(optax.apply_updates(logits, updates), opt_state), record
 
@@ -143,13 +181,16 @@ def policy_step(
 WEIGHTS = "train/weights/"  # prefix of the weight statistics
 
 
-def step_metrics(record: dict[str, chex.Array], env: Any, values_fn: ValuesFn) -> dict[str, chex.Array]:
+def step_metrics(record: dict[str, chex.Array], env: Any, values_fn: ValuesFn,
+                 rewards_finite: bool = False) -> dict[str, chex.Array]:
     """Metrics of one step's record (unbatched; vmap over steps, seeds and grid points).
 
     Named as every testbed logs them: `eval/...` for the exact quality of the pre-update policy
     (p_best, expected_reward), `train/...` for the step (reward, success = share of the group that
-    drew a best arm, loss, grad_norm, skipped_updates) and `train/weights/<stat>` for
+    drew a best arm, loss, grad_norm) and `train/weights/<stat>` for
     `weighting.group_weight_stats` of the group's weights (per group: `logged_curves` reduces them).
+    `rewards_finite=True`: the caller checked that every reward is finite; the same metrics
+    without the masking of non-finite rewards.
     """
     values = values_fn(env)
     best = values == jnp.max(values)
@@ -161,8 +202,7 @@ def step_metrics(record: dict[str, chex.Array], env: Any, values_fn: ValuesFn) -
         "train/success": jnp.mean(best[record["actions"]].astype(jnp.float32)),
         "train/loss": -jnp.mean(w * record["logp_actions"]),
         "train/grad_norm": record["grad_norm"],
-        "train/skipped_updates": record["skipped_updates"].astype(jnp.float32),
-        **{WEIGHTS + k: v for k, v in weighting.group_weight_stats(w, r).items()},
+        **{WEIGHTS + k: v for k, v in weighting.group_weight_stats(w, r, rewards_finite).items()},
     }
 
 
@@ -195,16 +235,29 @@ def run(
     group_size: int,
     optimizer: str,
 ) -> dict[str, chex.Array]:
-    """A whole run as one `lax.scan`, then `step_metrics` over all steps; metrics are [num_steps]."""
+    """A whole run as one `lax.scan`: the records of its steps ([num_steps] leading)."""
     step = functools.partial(
-        policy_step, reward_fn=reward_fn, values_fn=values_fn, group_size=group_size, optimizer=optimizer
+        step_given, reward_fn=reward_fn, values_fn=values_fn, group_size=group_size, optimizer=optimizer
     )
 
-    def body(state, t):
-        return step(hp, env, state, jax.random.fold_in(policy_key, t))
+    def body(state, randomness):
+        return step(hp, env, state, randomness)
 
-    _, records = jax.lax.scan(body, init_state(num_actions, optimizer), jnp.arange(num_steps))
-    return jax.vmap(step_metrics, in_axes=(0, None, None))(records, env, values_fn)
+    randomness = run_randomness(policy_key, num_steps, group_size)
+    return jax.lax.scan(body, init_state(num_actions, optimizer), randomness)[1]
+
+
+def run_metrics(records: dict[str, chex.Array], env: Any, values_fn: ValuesFn,
+                rewards_finite: bool = False) -> dict[str, chex.Array]:
+    """`step_metrics` of a run's records, vectorised over all its steps; metrics are [num_steps].
+
+    `train/skipped_updates` is the optimizer's running count of skipped updates after each step
+    (as the trainers log `optim.skipped_updates(opt_state)`), rebuilt here from the NaN grad
+    norms that mark the skipped steps, rather than stored by every step of the scan.
+    """
+    metrics = jax.vmap(step_metrics, in_axes=(0, None, None, None))(records, env, values_fn, rewards_finite)
+    skipped = jnp.cumsum(jnp.isnan(records["grad_norm"]), dtype=jnp.int32)
+    return {**metrics, "train/skipped_updates": skipped.astype(jnp.float32)}
 
 
 @functools.partial(
@@ -238,12 +291,22 @@ def sweep(
         optimizer=optimizer,
     )
     over_seeds = jax.vmap(one, in_axes=(None, 0, 0))
-    if hps.scheme_index.shape[0] == 1:
+    single = hps.scheme_index.shape[0] == 1
+    if single:
         # A single grid point: without a vmap over it, lax.switch runs only the chosen scheme
         # instead of all of them followed by a select.
-        single = over_seeds(jax.tree.map(lambda x: x[0], hps), envs, policy_keys)
-        return jax.tree.map(lambda x: x[None], single)
-    return jax.vmap(over_seeds, in_axes=(0, None, None))(hps, envs, policy_keys)
+        records = over_seeds(jax.tree.map(lambda x: x[0], hps), envs, policy_keys)
+    else:
+        records = jax.vmap(over_seeds, in_axes=(0, None, None))(hps, envs, policy_keys)
+
+    def metrics(rewards_finite):
+        runs = jax.vmap(functools.partial(run_metrics, values_fn=values_fn, rewards_finite=rewards_finite))
+        return runs if single else jax.vmap(runs, in_axes=(0, None))
+
+    # Masking non-finite rewards is a large share of the metrics; one check of all the rewards
+    # lets the usual all-finite sweep skip it (a real branch: it sits outside the vmaps).
+    out = jax.lax.cond(jnp.all(jnp.isfinite(records["rewards"])), metrics(True), metrics(False), records, envs)
+    return jax.tree.map(lambda x: x[None], out) if single else out
 
 
 def first_step(mask: chex.Array) -> chex.Array:

@@ -26,9 +26,15 @@ class FiniteGroup(NamedTuple):
     ref: chex.Array  # scalar: the largest finite reward (0 if there is none)
 
 
-def finite_group(r: chex.Array) -> FiniteGroup:
-    """Mask, count and a finite stand-in for ONE group `r: [G]` (see the module docstring)."""
+def finite_group(r: chex.Array, known_finite: bool = False) -> FiniteGroup:
+    """Mask, count and a finite stand-in for ONE group `r: [G]` (see the module docstring).
+
+    `known_finite=True`: the caller has checked that every reward is finite (once, for a whole
+    batch). The same FiniteGroup, built from constants that XLA folds away: no masking work.
+    """
     chex.assert_rank(r, 1)
+    if known_finite:
+        return FiniteGroup(jnp.ones(r.shape, bool), jnp.asarray(r.shape[0], r.dtype), r, jnp.max(r))
     mask = jnp.isfinite(r)
     top = jnp.max(jnp.where(mask, r, -jnp.inf))  # a max, not an argmax: cheaper under vmap
     ref = jnp.where(top > -jnp.inf, top, jnp.zeros((), r.dtype))

@@ -18,7 +18,7 @@ SUMMED_STATS = ("nonfinite_rewards",)
 _TINY = 1e-30
 
 
-def group_weight_stats(w: chex.Array, r: chex.Array) -> dict[str, chex.Array]:
+def group_weight_stats(w: chex.Array, r: chex.Array, known_finite: bool = False) -> dict[str, chex.Array]:
     """Statistics of one group's weights `w: [G]` given its rewards `r: [G]`.
 
     With p = |w| / sum|w|:  entropy = -sum p log p,  effective_n = 1 / sum p^2.
@@ -27,10 +27,11 @@ def group_weight_stats(w: chex.Array, r: chex.Array) -> dict[str, chex.Array]:
     zero (a centred scheme on equal rewards) gives no gradient: entropy = effective_n = 0 there.
     Non-finite rewards are left out of best, mean, std and zero_std, and counted in
     nonfinite_rewards; a group without a finite reward has zero_std = 1 and reward stats 0.
+    `known_finite=True`: the caller checked that every reward is finite (`finite_group`).
     """
     chex.assert_rank([w, r], 1)
     chex.assert_equal_shape([w, r])
-    f = finite_group(r)
+    f = finite_group(r, known_finite)
     n = jnp.maximum(f.n, 1.0)
     a = jnp.abs(w)
     total = jnp.sum(a)

@@ -10,7 +10,7 @@ import pytest
 
 from envs import bandit as bandit_env
 from experiments import bandit as bandit_exp
-from rlsoft import bandit_sweep, weighting
+from rlsoft import bandit_sweep, optim, rollout, weighting
 from tensorboard_events import read_scalars
 
 K, S, T, G = 20, 3, 15, 8
@@ -100,6 +100,90 @@ def test_compiled_sweep_equals_step_by_step_replay(optimizer, schemes):
                 for name, value in m.items():
                     np.testing.assert_allclose(
                         swept[name][c, s, t], value, rtol=1e-5, atol=1e-5, err_msg=f"{name} c={c} s={s} t={t}")
+                # The sweep rebuilds the optimizer's running count after its scan: it must be the count.
+                assert swept["train/skipped_updates"][c, s, t] == optim.skipped_updates(state.opt_state)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_non_finite_updates_are_skipped_and_counted(optimizer):
+    # Raw weights are the rewards. Seed 0: every arm pays 3e38, so sum(w) overflows and every
+    # gradient is inf/NaN: each update is skipped (logits stay uniform) and counted, grad_norm NaN.
+    # Seed 1: every arm pays 3e20, finite gradients whose squares overflow (grad_norm inf): applied.
+    # Seed 2: an ordinary bandit. Checked against a replay that asks isfinite of every gradient entry.
+    payouts = jnp.zeros((S, K)).at[0].set(3e38).at[1].set(3e20).at[2, 3].set(1.0)
+    envs, keys = bandit_env.Bandit(payouts, jnp.zeros((S,))), _setup()[1]
+    hps = bandit_sweep.make_hparams(["raw"], (), (1.0,))
+    kw = dict(reward_fn=bandit_env.pull, values_fn=bandit_env.arm_values, group_size=G, optimizer=optimizer)
+    m = jax.tree.map(np.asarray, bandit_sweep.sweep(hps, envs, keys, num_actions=K, num_steps=T, **kw))
+    hp = jax.tree.map(lambda x: x[0], hps)
+
+    @jax.jit
+    def replay(env, state, key):  # the step, and whether any entry of its gradient is not finite
+        uniforms, reward_key = bandit_sweep.step_randomness(key, G)
+        actions = rollout.inverse_cdf(uniforms, state.logits[None])[0]
+        w = weighting.compute_weights_by_index(bandit_env.pull(env, reward_key, actions), hp.scheme_index, hp.tau)
+        grads = bandit_sweep.weighted_nll_grad(jax.nn.softmax(state.logits), actions, w)
+        return bandit_sweep.policy_step(hp, env, state, key, **kw)[0], ~jnp.all(jnp.isfinite(grads))
+
+    for s in range(S):
+        env, state, skipped = jax.tree.map(lambda x: x[s], envs), bandit_sweep.init_state(K, optimizer), 0
+        for t in range(T):
+            before = state.logits
+            state, not_finite = replay(env, state, jax.random.fold_in(keys[s], t))
+            skipped += int(not_finite)
+            assert m["train/skipped_updates"][0, s, t] == skipped == optim.skipped_updates(state.opt_state)
+            if s == 0:
+                np.testing.assert_array_equal(state.logits, before)
+    assert (m["train/skipped_updates"][0, 0] == np.arange(1, T + 1)).all()
+    assert np.isnan(m["train/grad_norm"][0, 0]).all()
+    assert (m["train/skipped_updates"][0, 1:] == 0).all() and np.isinf(m["train/grad_norm"][0, 1, 0])
+    assert np.isfinite(m["train/grad_norm"][0, 2]).all()
+
+
+def test_grads_all_finite_is_isfinite_of_every_entry():
+    # The verdict reads only the sampled entries; it must agree with all K entries on any input:
+    # NaN / +-inf logits, NaN / +-inf weights, weights whose sum or scatter overflows.
+    rng = np.random.default_rng(0)
+    specials = [np.nan, np.inf, -np.inf, 3e38, -3e38, 1e38, 1e20, 0.0]
+    check = jax.jit(lambda z, a, w: (bandit_sweep.grads_all_finite(
+        g := bandit_sweep.weighted_nll_grad(jax.nn.softmax(z), a, w), a), jnp.all(jnp.isfinite(g))))
+    seen = set()
+    for trial in range(600):
+        k = int(rng.choice([2, 5, 20]))
+        z = rng.normal(size=k).astype(np.float32) * 3
+        w = rng.normal(size=G).astype(np.float32)
+        if trial % 3:
+            z[rng.integers(k, size=rng.integers(0, 2))] = rng.choice(specials[:3] + [-np.inf, -np.inf])
+        if trial % 2:
+            w[rng.integers(G, size=rng.integers(1, 4))] = rng.choice(specials)
+        a = rng.integers(k, size=G).astype(np.int32)
+        verdict, truth = map(bool, check(z, a, w))
+        assert verdict == truth, (z, a, w)
+        seen.add((bool(np.isfinite(z).all() and np.isfinite(w).all()), truth))
+    # (inputs finite, gradient finite): (True, False) is an overflow, (False, True) a -inf logit.
+    assert seen == {(True, True), (True, False), (False, True), (False, False)}
+
+
+def test_metrics_mask_rewards_unless_every_reward_is_finite():
+    # The sweep checks all its rewards once. All finite: its metrics skip the non-finite masking,
+    # which must change no value. Arm 0 paying NaN: they mask (nonfinite_rewards counts the NaNs).
+    envs, keys = _setup(noise_std=0.1)
+    hps = bandit_sweep.make_hparams(["softmax"], (0.5,), (1.0,))
+    kw = dict(num_actions=K, num_steps=T, values_fn=bandit_env.arm_values, group_size=G, optimizer="sgd")
+    nan_arm0 = lambda env, key, a: jnp.where(a == 0, jnp.nan, bandit_env.pull(env, key, a))  # noqa: E731
+    for reward_fn in (bandit_env.pull, nan_arm0):
+        run = functools.partial(bandit_sweep.run, reward_fn=reward_fn, **kw)
+        records = jax.vmap(run, in_axes=(None, 0, 0))(jax.tree.map(lambda x: x[0], hps), envs, keys)
+        metrics = jax.jit(jax.vmap(bandit_sweep.run_metrics, in_axes=(0, 0, None, None)), static_argnums=(2, 3))
+        masked = metrics(records, envs, bandit_env.arm_values, False)
+        if reward_fn is bandit_env.pull:
+            fast = metrics(records, envs, bandit_env.arm_values, True)
+            for name in masked:
+                np.testing.assert_array_equal(fast[name], masked[name], err_msg=name)
+        swept = bandit_sweep.sweep(hps, envs, keys, reward_fn=reward_fn, **kw)
+        for name in masked:
+            np.testing.assert_allclose(swept[name][0], masked[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert np.asarray(swept["train/weights/nonfinite_rewards"]).sum() > 0
 
 
 def test_sweep_does_not_recompile_for_new_values(count_compiles):

@@ -223,6 +223,16 @@ def test_categorical_group_form_is_the_row_form_on_repeated_rows():
         rollout.categorical(key, z, 0)
 
 
+def test_categorical_is_inverse_cdf_of_its_uniforms():
+    # A caller that draws the uniforms ahead (the bandit sweep) gets exactly categorical's draws.
+    for vocab, n in ((7, None), (1000, 16), (5000, 3)):
+        z = (jax.random.normal(jax.random.PRNGKey(vocab), (4, vocab)) * 3.0).at[:, ::5].set(-jnp.inf)
+        key = jax.random.PRNGKey(2)
+        u = rollout.sampling_uniforms(key, 4, n or 1)
+        drawn = rollout.inverse_cdf(u, z)
+        np.testing.assert_array_equal(rollout.categorical(key, z, n), drawn if n else drawn[:, 0])
+
+
 def test_group_sampling_with_shared_prompt_cache(tiny, count_compiles):
     g = 4
     config = SamplingConfig(max_new_tokens=N, temperature=1.0)
