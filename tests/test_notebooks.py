@@ -21,6 +21,7 @@ def test_outputs_are_stripped(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs"
 
 
+@pytest.mark.slow  # a kernel per notebook and a tiny training run each: ~1-2 min apiece (CI's slow pass runs them)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path, monkeypatch, tmp_path):
     from nbclient import NotebookClient
