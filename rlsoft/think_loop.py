@@ -215,6 +215,11 @@ def init_state(thinker_params: Any, answerer_params: Any, cfg: ThinkConfig) -> T
     return TrainState.create(role_map)
 
 
+def epsilon_at(cfg: ThinkConfig, step: chex.Array) -> chex.Array:
+    """The whole-step exploration probability at `step`: epsilon * epsilon_decay^step."""
+    return cfg.epsilon * jnp.power(cfg.epsilon_decay, step.astype(jnp.float32))
+
+
 def _explore(fns: ThinkFns, cfg: ThinkConfig, th_params, ans_params, questions, answers, hand, step, key):
     """(thoughts [B,G,T], rewards [B,G], search targets [B,T,A] or None) for one batch."""
     b, t = questions.shape[0], fns.length
@@ -242,7 +247,7 @@ def _explore(fns: ThinkFns, cfg: ThinkConfig, th_params, ans_params, questions, 
     else:
         g = cfg.group_size
         rep = jnp.repeat(questions, g, axis=0)
-        eps = cfg.epsilon * jnp.power(cfg.epsilon_decay, step.astype(jnp.float32))
+        eps = epsilon_at(cfg, step)
         first = fns.thinker_logits(sg(th_params), questions, jnp.zeros((b, t), jnp.int32))[:, 0]
         thoughts = sample_thoughts(key, thinker_logits_at(fns, sg(th_params), rep), b * g, fns, eps,
                                    cfg.token_epsilon, first_logits=jnp.repeat(first, g, axis=0)).reshape(b, g, t)
@@ -324,7 +329,7 @@ def train_step(state: TrainState, batch, key: chex.PRNGKey, *, fns: ThinkFns, cf
         metrics[f"{name}_grad_norm"] = optax.tree.norm(grads[name])
         metrics[f"skipped_updates/{name}"] = optim.skipped_updates(new_roles[name].opt_state).astype(jnp.float32)
     if thinking and cfg.search == "sample":
-        metrics["epsilon"] = cfg.epsilon * jnp.power(cfg.epsilon_decay, state.step.astype(jnp.float32))
+        metrics["epsilon"] = epsilon_at(cfg, state.step)
     metrics = {f"train/{k}": jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return TrainState(state.step + 1, new_roles, state.extra), metrics
 
