@@ -259,21 +259,23 @@ def _first_above(cdf: chex.Array, has_mass: chex.Array, u: chex.Array) -> chex.A
     return jnp.where(k < m, k, 2 * m - k)
 
 
-def sample_token(key: chex.PRNGKey, logits: chex.Array, config: SamplingConfig):
-    """One token per row from fp32 logits [B,V] -> (token [B], logprob [B], sampling_logprob [B])."""
+def sample_token(key: chex.PRNGKey, logits: chex.Array, config: SamplingConfig, greedy_rows=None):
+    """One token per row from fp32 logits [B,V] -> (token [B], logprob [B], sampling_logprob [B]).
+    `greedy_rows` ([B] bool, optional) rows take the argmax instead (sampling log-prob 0)."""
     chex.assert_rank(logits, 2)
     logits = logits.astype(jnp.float32)
     logp_model = jax.nn.log_softmax(logits, axis=-1)
     if config.greedy:  # static: temperature 0 never reaches a division
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return tok, _take(logp_model, tok), jnp.zeros(tok.shape, jnp.float32)
-    if config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0:
-        tok = categorical(key, logits)  # the model's own distribution: one log_softmax serves both
-        lp = _take(logp_model, tok)
-        return tok, lp, lp
-    z = filter_logits(logits / config.temperature, config.top_k, config.top_p)
+    plain = config.temperature == 1.0 and config.top_k == 0 and config.top_p >= 1.0
+    z = logits if plain else filter_logits(logits / config.temperature, config.top_k, config.top_p)
     tok = categorical(key, z)
-    return tok, _take(logp_model, tok), _take(jax.nn.log_softmax(z, axis=-1), tok)
+    if greedy_rows is not None:
+        tok = jnp.where(greedy_rows, jnp.argmax(logits, axis=-1).astype(jnp.int32), tok)
+    lp = _take(logp_model, tok)  # plain: the model's own distribution, one log_softmax serves both
+    slp = lp if plain else _take(jax.nn.log_softmax(z, axis=-1), tok)
+    return tok, lp, slp if greedy_rows is None else jnp.where(greedy_rows, 0.0, slp)
 
 
 def _take(x: chex.Array, idx: chex.Array) -> chex.Array:
@@ -292,26 +294,18 @@ class _Carry(NamedTuple):
     out: Rollout  # buffers written column by column; lengths filled at the end
 
 
-def sample(
-    fns: DecodeFns,
-    config: SamplingConfig,
-    params: Params,
-    prompts: chex.Array,
-    prompt_mask: chex.Array,
-    key: chex.PRNGKey,
-    *,
-    group_size: int = 1,
-) -> Rollout:
+def sample(fns: DecodeFns, config: SamplingConfig, params: Params, prompts: chex.Array, prompt_mask: chex.Array,
+           key: chex.PRNGKey, *, group_size: int = 1, greedy_rows: int = 0) -> Rollout:
     """Sample `group_size` responses to each left-padded prompt [Bp,P]; pure, jit-able.
 
-    `fns`, `config` and `group_size` are static; `params`, `prompts`, `prompt_mask` and `key` may be
-    traced. Use `make_sampler` for a jitted closure that compiles once per prompt shape.
+    The first `greedy_rows` of each group decode greedily (argmax), the others sample: a greedy and
+    a sampled eval in one call. `fns`, `config`, `group_size` and `greedy_rows` are static; `params`,
+    `prompts`, `prompt_mask` and `key` may be traced. `make_sampler` jits it once per prompt shape.
     """
     chex.assert_rank([prompts, prompt_mask], 2)
     chex.assert_equal_shape([prompts, prompt_mask])
     chex.assert_type(prompts, int)
-    if not _is_int(group_size) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} is invalid; must be an int >= 1")
+    _check_group(group_size, greedy_rows)
     if not _is_int(fns.segment) or fns.segment < 0:
         raise ValueError(f"segment={fns.segment!r} is invalid; must be an int >= 0 (0: one loop)")
     bp, _ = prompts.shape
@@ -331,10 +325,11 @@ def sample(
     # Response token j of every row sits at the row's next position + j (left padding: last column).
     start = jnp.repeat(positions[:, -1] + 1, g)
     stop_ids = jnp.asarray(config.stop_ids, jnp.int32)
+    greedy = jnp.arange(b) % g < greedy_rows if greedy_rows and not config.greedy else None
 
     def emit(carry: _Carry, logits: chex.Array) -> _Carry:
         """Sample token t of every row from `logits` and write it (pad for rows already done)."""
-        tok, lp, slp = sample_token(jax.random.fold_in(key, carry.t), logits, config)
+        tok, lp, slp = sample_token(jax.random.fold_in(key, carry.t), logits, config, greedy)
         live = ~carry.done
         tok = jnp.where(live, tok, config.pad_id)
         zero = jnp.zeros_like(lp)
@@ -382,16 +377,20 @@ def sample(
     return out._replace(lengths=jnp.sum(out.mask, axis=-1, dtype=jnp.int32))
 
 
-def make_sampler(fns: DecodeFns, config: SamplingConfig, group_size: int = 1):
-    """`sample` jitted once for these static settings: `(params, prompts, prompt_mask, key) -> Rollout`.
-
-    Plain jax.jit over pytrees (the Flax performance guide's nnx.split / plain jit pattern): it
-    recompiles only for new prompt shapes or dtypes. Keep the returned function and reuse it.
-    """
+def _check_group(group_size, greedy_rows) -> None:
     if not _is_int(group_size) or group_size < 1:
         raise ValueError(f"group_size={group_size!r} is invalid; must be an int >= 1")
+    if not _is_int(greedy_rows) or not 0 <= greedy_rows <= group_size:
+        raise ValueError(f"greedy_rows={greedy_rows!r} is invalid; must be an int in 0..group_size={group_size}")
+
+
+def make_sampler(fns: DecodeFns, config: SamplingConfig, group_size: int = 1, greedy_rows: int = 0):
+    """`sample` jitted once for these static settings: `(params, prompts, prompt_mask, key) -> Rollout`.
+    Plain jax.jit over pytrees (the Flax performance guide's nnx.split / plain jit pattern): it
+    recompiles only for new prompt shapes or dtypes. Keep the returned function and reuse it."""
+    _check_group(group_size, greedy_rows)
 
     def sampler(params, prompts, prompt_mask, key):
-        return sample(fns, config, params, prompts, prompt_mask, key, group_size=group_size)
+        return sample(fns, config, params, prompts, prompt_mask, key, group_size=group_size, greedy_rows=greedy_rows)
 
     return jax.jit(sampler)

@@ -125,6 +125,26 @@ def test_greedy_and_its_limits_equal_full_forward_greedy_loop(tiny, greedy_ref):
         np.testing.assert_allclose(out.sampling_logprobs, 0.0, atol=1e-6, err_msg=str(config))
 
 
+@pytest.mark.parametrize("config", [SamplingConfig(max_new_tokens=N, temperature=1.0),
+                                    SamplingConfig(max_new_tokens=N, temperature=0.7, top_k=50, top_p=0.9)])
+def test_greedy_rows_are_argmax_beside_unchanged_samples(tiny, greedy_ref, config):
+    """greedy_rows=1 of a group of 3 (a greedy and a sampled eval in one call): row 0 of each group is
+    the greedy loop's, rows 1-2 are exactly what the plain sampler draws from the same key."""
+    g, key = 3, jax.random.key(5)
+    mixed = rollout.make_sampler(tiny.fns, config, g, greedy_rows=1)(tiny.state, tiny.prompts, tiny.mask, key)
+    plain = run(tiny, config, group_size=g, seed=5)
+    tokens, plain_tokens = (np.asarray(o.tokens).reshape(len(PROMPTS), g, N) for o in (mixed, plain))
+    np.testing.assert_array_equal(tokens[:, 0], greedy_ref)
+    np.testing.assert_array_equal(tokens[:, 1:], plain_tokens[:, 1:])
+    assert (tokens[:, 1:] != greedy_ref[:, None]).any()  # the other rows did sample
+    np.testing.assert_array_equal(np.asarray(mixed.sampling_logprobs).reshape(len(PROMPTS), g, N)[:, 0], 0.0)
+    lp, _ = teacher_forced(tiny, mixed, g)
+    np.testing.assert_allclose(mixed.logprobs, lp, atol=TOL)
+    for bad in (-1, 4, True):
+        with pytest.raises(ValueError, match="greedy_rows"):
+            rollout.make_sampler(tiny.fns, config, g, greedy_rows=bad)
+
+
 def test_stop_ids_end_rows_early(tiny, greedy_ref):
     ref = greedy_ref
     # Stop ids: row 3's greedy token at step 3 and row 1's at step 5, each new in its row there.
