@@ -76,8 +76,10 @@ PRESETS = {
 }
 
 
-def run_sweep(cfg: BanditConfig) -> tuple[bandit_sweep.HParams, dict[str, np.ndarray]]:
-    """Build the tasks and the grid, run the compiled sweep; metrics as numpy [C, S, T]."""
+def run_sweep(cfg: BanditConfig, hps: bandit_sweep.HParams | None = None
+              ) -> tuple[bandit_sweep.HParams, dict[str, np.ndarray]]:
+    """Build the tasks and the grid (cfg's schemes x taus x lrs, or the C points `hps`), run the
+    compiled sweep; metrics as numpy [C, S, T]."""
     root = jax.random.PRNGKey(cfg.seed)
     seed_keys = jax.random.split(root, cfg.seeds)
     # Named streams per seed: the task (which arm pays) and the policy's sampling.
@@ -87,7 +89,8 @@ def run_sweep(cfg: BanditConfig) -> tuple[bandit_sweep.HParams, dict[str, np.nda
     mesh = make_mesh()
     if cfg.seeds % mesh.size == 0:  # seeds are independent: split them across the devices
         envs, policy_keys = shard_batch((envs, policy_keys), mesh)
-    hps = bandit_sweep.make_hparams(cfg.schemes, cfg.taus, cfg.lrs)
+    if hps is None:
+        hps = bandit_sweep.make_hparams(cfg.schemes, cfg.taus, cfg.lrs)
     metrics = bandit_sweep.sweep(
         hps, envs, policy_keys,
         num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.reward_fn_for(cfg.noise_std),

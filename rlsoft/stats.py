@@ -78,3 +78,42 @@ def paired_difference(a, b, confidence: float = 0.95, reps: int = 2000, seed: in
     if a.shape != b.shape:
         raise ValueError(f"paired scores need one shape; got {a.shape} and {b.shape}")
     return interval(a - b, "mean", confidence, reps, seed)
+
+
+def probability_of_improvement(a, b, confidence: float = 0.95, reps: int = 2000, seed: int = 0) -> Interval:
+    """P(X > Y): the probability that a run of arm A scores above a run of arm B (ties count 1/2),
+    the Mann-Whitney U statistic / (n_a n_b), averaged over tasks (rliable's
+    `probability_of_improvement`, Agarwal et al. 2021), with the stratified-bootstrap CI that
+    resamples each arm's runs independently. 0.5 = no difference; it ignores effect size."""
+    a, b = _scores(a), _scores(b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"scores need the same tasks; got {a.shape} and {b.shape}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("scores are not finite; report them, do not compare them")
+    from rliable import library as rly
+    from rliable import metrics
+
+    poi = lambda x, y: np.array([metrics.probability_of_improvement(x, y)])
+    if min(a.shape[0], b.shape[0]) < 2:
+        return Interval(float(poi(a, b)[0]), math.nan, math.nan, min(a.shape[0], b.shape[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        point, ci = rly.get_interval_estimates({"x": (a, b)}, poi, reps=reps, confidence_interval_size=confidence,
+                                               random_state=np.random.RandomState(seed))
+    return Interval(float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0]), min(a.shape[0], b.shape[0]))
+
+
+def bootstrap_band(curves, confidence: float = 0.95, reps: int = 1000, seed: int = 0):
+    """Learning-curve bands: `curves` [runs, points] -> (mean, low, high), each [points], the
+    percentile bootstrap of the mean over runs at every point (runs resampled jointly across
+    points, so a band is one bootstrap of whole curves). One run gives low = high = the curve."""
+    x = np.asarray(curves, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"curves of shape {x.shape} are invalid; need [runs, points]")
+    mean = x.mean(0)
+    if x.shape[0] < 2:
+        return mean, mean.copy(), mean.copy()
+    idx = np.random.RandomState(seed).randint(0, x.shape[0], size=(reps, x.shape[0]))
+    boot = x[idx].mean(1)  # [reps, points]
+    tail = 100 * (1 - confidence) / 2
+    return mean, np.percentile(boot, tail, axis=0), np.percentile(boot, 100 - tail, axis=0)

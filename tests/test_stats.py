@@ -47,3 +47,28 @@ def test_single_run_has_no_interval_and_nan_is_refused():
     with pytest.raises(ValueError, match="not finite"):
         stats.interval([0.1, float("nan"), 0.3])
     assert stats.interval([0.25, 0.75]).format(2).startswith("0.50 [")
+
+
+def test_probability_of_improvement_counts_pairs_and_ties():
+    a, b = np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 5.0])
+    # pairs with a > b: 1>0 twice, 2>0 twice, 3>0 twice = 6 of 9; none tied.
+    p = stats.probability_of_improvement(a, b, reps=500)
+    assert p.estimate == pytest.approx(6 / 9) and p.low <= p.estimate <= p.high
+    tie = stats.probability_of_improvement(np.array([1.0, 2.0]), np.array([1.0, 0.0]), reps=500)
+    assert tie.estimate == pytest.approx((0.5 + 1 + 1 + 1) / 4)  # (1 vs 1) is a tie: 1/2
+    assert stats.probability_of_improvement(a, a, reps=200).estimate == 0.5
+    with pytest.raises(ValueError, match="not finite"):
+        stats.probability_of_improvement(a, np.array([0.0, np.inf, 1.0]))
+
+
+def test_bootstrap_band_is_the_bootstrap_of_whole_curves():
+    rng = np.random.default_rng(0)
+    curves = rng.normal(0, 1, (6, 4)) + np.arange(4)
+    mean, low, high = stats.bootstrap_band(curves, reps=4000, seed=3)
+    np.testing.assert_allclose(mean, curves.mean(0))
+    for j in range(4):  # each point's band is the percentile bootstrap of that point's mean
+        boot = np.array([rng.choice(curves[:, j], 6).mean() for _ in range(4000)])
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        assert low[j] == pytest.approx(lo, abs=0.06) and high[j] == pytest.approx(hi, abs=0.06)
+    one = stats.bootstrap_band(curves[:1])
+    np.testing.assert_array_equal(one[1], curves[0])

@@ -1,0 +1,135 @@
+"""experiments.sweep / rlsoft.sweep: arms x seeds, run files, resume, tables from the files."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import sweep as sweep_exp
+from rlsoft import stats
+from rlsoft import sweep as sw
+
+ARMS = "grpo: --scheme=linear; soft: --scheme=softmax --tau=0.5"
+COMMON = "--preset=tiny --steps=20"
+
+
+def bandit_sweep(tmp_path, *extra, name="t"):
+    return sweep_exp.main(["bandit", f"--name={name}", f"--out={tmp_path}", "--seeds=3", f"--arms={ARMS}",
+                           f"--common={COMMON}", *extra])
+
+
+def test_parse_arms():
+    arms = sw.parse_arms(" base: ; b: --tau=0.5 --lr=3 ;")
+    assert arms == [sw.Arm("base", ()), sw.Arm("b", ("--tau=0.5", "--lr=3"))]
+    for bad, match in [("x --tau=1", "name: --flag"), ("a b: --x=1", "name"), ("a: tau=1", "not a flag"),
+                       ("a: ; a: --x=1", "named twice"), (" ; ", "empty")]:
+        with pytest.raises(sw.SweepError, match=match):
+            sw.parse_arms(bad)
+
+
+def test_history_scores_finals_and_curves():
+    history = [{"step": s, "train/reward": float(s)} for s in range(20)]
+    history[9]["eval/acc"] = 0.25
+    history[19]["eval/acc"] = 0.75
+    final, curves = sweep_exp.history_scores(history)
+    assert final == {"eval/acc": 0.75, "train/reward@end": 18.5}  # mean of the last 10%: steps 18, 19
+    assert curves["eval/acc"] == [[9.0, 0.25], [19.0, 0.75]]
+    assert len(curves["train/reward"]) == 20
+    final, curves = sweep_exp.history_scores(history, lambda k: k.replace("eval/", ""), train=False)
+    assert final == {"acc": 0.75} and set(curves) == {"acc"}
+
+
+def test_bandit_sweep_writes_runs_and_a_table_from_them(tmp_path):
+    bandit_sweep(tmp_path)
+    out = tmp_path / "bandit" / "t"
+    records = sw.load_runs(str(out))
+    assert sorted((r.arm, r.seed) for r in records) == [(a, s) for a in ("grpo", "soft") for s in range(3)]
+    assert all(r.program == "one program of 2 arms x 3 seeds" for r in records)
+    text = (out / "table.md").read_text()
+    soft = np.array([r.final["eval/p_best"] for r in sorted(records, key=lambda r: r.seed) if r.arm == "soft"])
+    grpo = np.array([r.final["eval/p_best"] for r in sorted(records, key=lambda r: r.seed) if r.arm == "grpo"])
+    row = next(l for l in text.splitlines() if l.startswith("| soft | 3 |"))
+    assert stats.interval(soft).format(3) in row and stats.interval(soft, "iqm").format(3) in row
+    assert stats.paired_difference(soft, grpo).format(3) in row
+    assert stats.probability_of_improvement(soft, grpo).format(2) in row
+    assert "Only 3 seed(s)" in text  # fewer than 5 seeds is said, not hidden
+    assert (out / "curves.png").stat().st_size > 0
+    assert sorted(os.listdir(out / "tb" / "soft")) == ["seed0", "seed1", "seed2"]
+    assert "[bandit/t](bandit/t/table.md)" in (tmp_path / "index.md").read_text()
+    # The one-program population equals each arm run alone (--population=false).
+    bandit_sweep(tmp_path, "--population=false", name="alone")
+    alone = {(r.arm, r.seed): r for r in sw.load_runs(str(tmp_path / "bandit" / "alone"))}
+    assert {r.program for r in alone.values()} == {"one program of 1 arms x 3 seeds"}
+    for r in records:
+        a = alone[r.arm, r.seed]
+        for k in ("eval/p_best", "eval/p_best@mean", "train/reward@end"):
+            np.testing.assert_allclose(a.final[k], r.final[k], rtol=1e-5, atol=1e-7)
+
+
+def test_killed_sweep_resumes_without_rerunning(tmp_path, monkeypatch, capsys):
+    real = sweep_exp.RUNNERS["bandit"]
+
+    def dies_after_two(cfg, todo):
+        for i, record in enumerate(real(cfg, todo)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield record
+
+    monkeypatch.setitem(sweep_exp.RUNNERS, "bandit", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        bandit_sweep(tmp_path)
+    out = tmp_path / "bandit" / "t"
+    first = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("seed*.json")}
+    assert len(first) == 2 and not list((out / "runs").rglob("*.tmp"))
+    monkeypatch.setitem(sweep_exp.RUNNERS, "bandit", real)
+    capsys.readouterr()
+    bandit_sweep(tmp_path)
+    assert "4 runs to do, 2 already done" in capsys.readouterr().out
+    assert len(list((out / "runs").rglob("seed*.json"))) == 6
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished runs are never rerun
+    capsys.readouterr()
+    bandit_sweep(tmp_path, "--seeds=4")  # more seeds: only the new ones run
+    assert "2 runs to do, 6 already done" in capsys.readouterr().out
+
+
+def test_changed_arm_is_refused_unless_allowed(tmp_path, capsys):
+    bandit_sweep(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sweep_exp.main(["bandit", "--name=t", f"--out={tmp_path}", "--seeds=3", f"--common={COMMON}",
+                        "--arms=grpo: --scheme=linear --lr=10; soft: --scheme=softmax --tau=0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "arm grpo changed" in err
+    spec = json.loads((tmp_path / "bandit" / "t" / "sweep.json").read_text())
+    assert spec["arms"]["grpo"] == ["--scheme=linear"]  # the refused spec was not written
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["bandit", "--arms=a: --scheme=nope"], "nope"),
+    (["bandit", "--arms=a: --taus=1,2"], "set by the sweep"),
+    (["bandit", "--arms=a: --scheme=linear", "--first_seed=3"], "first_seed"),
+    (["char", "--arms=a: --bogus=1"], "bogus"),
+    (["think", "--arms=a: --modulus=1"], "modulus"),
+    (["think", "--arms=a: --clean", "--baseline=b"], "baseline=b"),
+    (["nothing", "--arms=a:"], "testbed"),
+])
+def test_bad_input_exits_2_before_anything_runs(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        sweep_exp.main(argv + [f"--out={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and match in err
+    assert not list(tmp_path.rglob("seed*.json"))
+
+
+def test_update_readme_fills_blocks_from_files(tmp_path):
+    (tmp_path / "results" / "x").mkdir(parents=True)
+    (tmp_path / "results" / "x" / "table.md").write_text("# title\n| a |\n|---|\n\n![m](curves.png)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results: x/table.md -->\nold, typed by hand\n<!-- /results -->\nend\n")
+    assert sw.update_readme(str(readme), str(tmp_path / "results")) == ["x/table.md"]
+    text = readme.read_text()
+    assert "typed by hand" not in text and "| a |" in text and "# title" not in text
+    assert f"![m]({tmp_path}/results/x/curves.png)" in text
+    readme.write_text("<!-- results: y/table.md -->\n<!-- /results -->\n")
+    with pytest.raises(sw.SweepError, match="does not exist"):
+        sw.update_readme(str(readme), str(tmp_path / "results"))
