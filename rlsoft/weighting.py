@@ -16,6 +16,11 @@ Schemes that need a temperature: softmax, softmax_centered, quantile_softmax. `t
 positive float, "auto" (= range of the softmax input / 2, the rule derived in seed 001), or a jnp
 scalar (so that a sweep can vmap over it; traced values cannot be validated at trace time).
 
+Four schemes of the 2025-26 literature live in `rlsoft.weighting_recent` and register themselves
+here (`register_scheme`): risk_seeking, softmax_ess (its tau is a target fraction in (0, 1], the
+schemes in TAU_IS_FRACTION), and gvpo and tpo, which also need the samples' sequence log-probs
+(NEEDS_LOGP: `compute_weights(..., logp=, ref_logp=)`).
+
 Non-finite rewards, one policy for every scheme (`rlsoft.reward_groups`): a NaN, +inf or -inf
 reward is masked out of its group. Its weight is exactly 0 and the other samples are weighted as
 if it were absent, i.e. by the scheme on the group of its n finite rewards (softmax and best_of_n
@@ -27,6 +32,7 @@ group by `weight_stats(...)["nonfinite_rewards"]` (summed over the batch by
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Union
 
@@ -206,6 +212,23 @@ SCHEMES: dict[str, SchemeFn] = {
 }
 SCHEME_NAMES: tuple[str, ...] = tuple(SCHEMES)
 NEEDS_TAU: frozenset[str] = frozenset({"softmax", "softmax_centered", "quantile_softmax"})
+# Schemes called as fn(r, tau, logp, ref_logp) with the samples' sequence log-probs (see compute_weights).
+NEEDS_LOGP: frozenset[str] = frozenset()
+# Schemes whose tau is a fraction in (0, 1], not a temperature ("auto" is refused).
+TAU_IS_FRACTION: frozenset[str] = frozenset()
+
+
+def register_scheme(name: str, fn: Callable, *, needs_tau: bool = False, needs_logp: bool = False,
+                    tau_is_fraction: bool = False) -> None:
+    """Add a one-group scheme to SCHEMES (appended: the indices of the others do not move)."""
+    global SCHEME_NAMES, NEEDS_TAU, NEEDS_LOGP, TAU_IS_FRACTION
+    if name in SCHEMES:
+        raise ValueError(f"scheme={name!r} is already registered")
+    SCHEMES[name] = fn
+    SCHEME_NAMES = tuple(SCHEMES)
+    NEEDS_TAU = NEEDS_TAU | ({name} if needs_tau or tau_is_fraction else set())
+    NEEDS_LOGP = NEEDS_LOGP | ({name} if needs_logp else set())
+    TAU_IS_FRACTION = TAU_IS_FRACTION | ({name} if tau_is_fraction else set())
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,18 +246,26 @@ def validate_tau(tau: Tau, scheme: str | None = None) -> None:
         if scheme in NEEDS_TAU:
             raise ValueError(f"scheme={scheme!r} needs tau: a float > 0 or 'auto'")
         return
+    if scheme in TAU_IS_FRACTION:
+        allowed = f"scheme={scheme!r} takes tau as a fraction: a float in (0, 1]"
+        if isinstance(tau, str) or not isinstance(tau, jax.core.Tracer) and not _is_float_in(tau, 0.0, 1.0):
+            raise ValueError(f"tau={tau!r} is invalid; {allowed}")
+        return
     if isinstance(tau, str):
         if tau != "auto":
             raise ValueError(f"tau={tau!r} is invalid; allowed: a finite float > 0 or 'auto'")
         return
-    if isinstance(tau, jax.core.Tracer):
-        return
+    if not isinstance(tau, jax.core.Tracer) and not _is_float_in(tau, 0.0, math.inf):
+        raise ValueError(f"tau={tau!r} is invalid; allowed: a finite float > 0 or 'auto'")
+
+
+def _is_float_in(tau, lo: float, hi: float) -> bool:
+    """A finite float (or scalar array) in (lo, hi]."""
     try:
         value = float(tau)
     except (TypeError, ValueError):
-        raise ValueError(f"tau={tau!r} is invalid; allowed: a finite float > 0 or 'auto'") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"tau={value!r} is invalid; allowed: a finite float > 0 or 'auto'")
+        return False
+    return math.isfinite(value) and lo < value <= hi
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
@@ -242,19 +273,39 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _over_groups(fn: Callable[[chex.Array], chex.Array], rewards: jax.Array) -> jax.Array:
-    """vmap a one-group function over all leading axes of `rewards: [..., G]`."""
-    lead = rewards.shape[:-1]
-    flat = rewards.reshape((-1, rewards.shape[-1]))
-    return jax.vmap(fn)(flat).reshape(lead + (rewards.shape[-1],))
+def _over_groups(fn: Callable[..., chex.Array], rewards: jax.Array, *more: jax.Array) -> jax.Array:
+    """vmap a one-group function over all leading axes of `rewards: [..., G]` (and of `more`,
+    arrays of the same shape: the groups' log-probs)."""
+    lead, g = rewards.shape[:-1], rewards.shape[-1]
+    flat = [x.reshape((-1, g)) for x in (rewards,) + more]
+    return jax.vmap(fn)(*flat).reshape(lead + (g,))
 
 
-def compute_weights(rewards, scheme: str, *, tau: Tau = None) -> jax.Array:
+def _log_probs(work: jax.Array, logp, ref_logp, needed: bool, what: str):
+    """(logp, ref_logp) as arrays shaped like the rewards (ref_logp 0 when absent), or a ValueError."""
+    if logp is None:
+        if needed:
+            raise ValueError(f"{what} needs logp: the samples' sequence log-probs under the policy that drew "
+                             "them, shaped like rewards")
+        return jnp.zeros_like(work), jnp.zeros_like(work)
+    out = []
+    for name, x in (("logp", logp), ("ref_logp", ref_logp)):
+        x = jnp.zeros_like(work) if x is None else jnp.asarray(x)
+        if x.shape != work.shape:
+            raise ValueError(f"{name} must have the rewards' shape {work.shape}; got {x.shape}")
+        out.append(x.astype(work.dtype))
+    return tuple(out)
+
+
+def compute_weights(rewards, scheme: str, *, tau: Tau = None, logp=None, ref_logp=None) -> jax.Array:
     """Weights for `rewards: [..., G]` under `scheme`, groups on the last axis; same shape and dtype.
 
+    `logp` (a NEEDS_LOGP scheme needs it; the others ignore it): each sample's sequence log-prob
+    log pi_old(y_i) under the policy that drew it, shaped like `rewards`; `ref_logp`, optional, the
+    same under a reference policy (gvpo's log-ratio; absent, the reference is uniform).
     Non-finite rewards get weight 0 and the rest of their group is weighted without them (module
     docstring). Raises ValueError (at trace time) for an unknown scheme, an invalid tau, a missing
-    tau for a scheme that needs one, or G < 2.
+    tau or logp for a scheme that needs one, or G < 2.
     """
     validate_scheme(scheme)
     validate_tau(tau, scheme)
@@ -264,22 +315,44 @@ def compute_weights(rewards, scheme: str, *, tau: Tau = None) -> jax.Array:
     work = rewards.astype(_compute_dtype(rewards.dtype))
     if scheme in NEEDS_TAU and not isinstance(tau, str) and jnp.ndim(tau) > 0:
         raise ValueError(f"tau must be a scalar here; got shape {jnp.shape(tau)} (vmap over taus instead)")
-    return _over_groups(lambda r: fn(r, tau), work).astype(rewards.dtype)
+    if scheme not in NEEDS_LOGP:
+        return _over_groups(lambda r: fn(r, tau), work).astype(rewards.dtype)
+    lp, ref = _log_probs(work, logp, ref_logp, True, f"scheme={scheme!r}")
+    return _over_groups(lambda r, l, q: fn(r, tau, l, q), work, lp, ref).astype(rewards.dtype)
 
 
-def compute_weights_by_index(rewards, scheme_index, tau) -> jax.Array:
+def compute_weights_by_index(rewards, scheme_index, tau, logp=None, ref_logp=None, *,
+                             among: tuple[str, ...] | None = None) -> jax.Array:
     """Like `compute_weights` but with the scheme as a (possibly traced) index into SCHEME_NAMES.
 
     Lets a compiled sweep vmap over schemes: under vmap `lax.switch` evaluates every branch and
-    selects, which is cheap next to the rest of a step. `tau` must be a float or jnp scalar here.
+    selects, so `among` (static) names the schemes the index can pick, and only those are built;
+    an index outside them gets NaN weights. Default: every scheme, or every scheme but the
+    NEEDS_LOGP ones when `logp` is None. `tau` must be a float or jnp scalar here.
     """
     rewards = as_float(rewards)
     validate_group_shape(rewards)
     work = rewards.astype(_compute_dtype(rewards.dtype))
     tau = jnp.asarray(tau, work.dtype)
-    branches = [lambda r, t, f=SCHEMES[n]: f(r, t) for n in SCHEME_NAMES]
-    one = lambda r: jax.lax.switch(scheme_index, branches, r, tau)
-    return _over_groups(one, work).astype(rewards.dtype)
+    if among is None:
+        among = tuple(n for n in SCHEME_NAMES if logp is not None or n not in NEEDS_LOGP)
+    among = tuple(among)
+    for n in among:
+        validate_scheme(n)
+    needed = [n for n in among if n in NEEDS_LOGP]
+    lp, ref = _log_probs(work, logp, ref_logp, bool(needed), f"scheme={needed[0]!r}" if needed else "")
+    branches = [functools.partial(_branch, SCHEMES[n], n in NEEDS_LOGP) for n in among]
+    index = scheme_index
+    if among != SCHEME_NAMES:  # positions in `among`; the others -> the NaN branch
+        table = [among.index(n) if n in among else len(among) for n in SCHEME_NAMES]
+        index = jnp.asarray(table, jnp.int32)[scheme_index]
+        branches.append(lambda r, t, l, q: jnp.full_like(r, jnp.nan))
+    one = lambda r, l, q: jax.lax.switch(index, branches, r, tau, l, q)
+    return _over_groups(one, work, lp, ref).astype(rewards.dtype)
+
+
+def _branch(fn: Callable, uses_logp: bool, r, tau, logp, ref_logp):
+    return fn(r, tau, logp, ref_logp) if uses_logp else fn(r, tau)
 
 
 def scheme_index(scheme: str) -> int:
@@ -288,3 +361,5 @@ def scheme_index(scheme: str) -> int:
 
 
 from rlsoft.schedules import TAU_SCHEDULES, make_tau_schedule  # noqa: E402  (re-export)
+# Last: the 2025-26 schemes build on the ones above and register themselves (register_scheme).
+from rlsoft import weighting_recent  # noqa: E402,F401
