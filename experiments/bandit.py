@@ -68,6 +68,9 @@ class BanditConfig:
         check(self.out.strip() != "", "out is empty; give an output directory")
         if any(s in weighting.NEEDS_TAU for s in self.schemes):
             check(len(self.taus) > 0, "taus is empty but a scheme needs a temperature")
+        for s in weighting.TAU_IS_FRACTION.intersection(self.schemes):
+            for t in self.taus:
+                weighting.validate_tau(t, s)  # e.g. softmax_ess: taus are fractions in (0, 1]
 
 
 PRESETS = {
@@ -95,6 +98,7 @@ def run_sweep(cfg: BanditConfig, hps: bandit_sweep.HParams | None = None
         hps, envs, policy_keys,
         num_actions=cfg.arms, num_steps=cfg.steps, reward_fn=bandit_env.reward_fn_for(cfg.noise_std),
         values_fn=bandit_env.arm_values, group_size=cfg.group_size, optimizer=cfg.optimizer,
+        schemes=bandit_sweep.schemes_in(hps),  # only the grid's schemes are compiled
     )
     return hps, jax.tree.map(np.asarray, metrics)
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlsoft import weighting
+from rlsoft import weighting, weighting_recent
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 
@@ -34,7 +34,9 @@ SEED_GROUP = (CORRECT, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0)
 # seed's group (four 0s, three 0.1s), so that column can be checked against analysis 1.
 WRONG_CYCLE = (0.0, 0.1)
 
-SCHEMES = weighting.SCHEME_NAMES
+# The seeds' reward-only schemes; the 2025-26 ones (rlsoft.weighting_recent) need log-probs or read
+# tau as a fraction, and are compared in the bandit instead.
+SCHEMES = tuple(n for n in weighting.SCHEME_NAMES if n not in weighting_recent.SCHEMES)
 TAU_SCHEMES = tuple(n for n in SCHEMES if n in weighting.NEEDS_TAU)
 # What each temperature scheme feeds into its softmax; "auto" tau is half the range of THIS input,
 # so quantile_softmax's auto tau lives on the quantile scale, not the reward scale.
@@ -94,7 +96,7 @@ def _grid_stats(rewards: jax.Array, taus: jax.Array) -> dict[str, jax.Array]:
     jitted together with the weights: one compile per group size instead of many eager dispatches.
     """
     idx = jnp.arange(len(SCHEMES))
-    per_tau = lambda t: jax.vmap(lambda i: weighting.compute_weights_by_index(rewards, i, t))(idx)
+    per_tau = lambda t: jax.vmap(lambda i: weighting.compute_weights_by_index(rewards, i, t, among=SCHEMES))(idx)
     w = jax.vmap(per_tau)(taus)
     return weighting.weight_stats(w, jnp.broadcast_to(rewards, w.shape))
 

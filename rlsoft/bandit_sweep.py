@@ -15,7 +15,11 @@ this module knows no task.
 `run` is a whole training run as one `lax.scan` (its records; `run_metrics` turns them into
 metrics after the scan); `sweep` vmaps both over seeds and over a grid of (scheme, tau, learning
 rate), so one compiled call covers the whole comparison. Schemes are vmapped as indices through
-`weighting.compute_weights_by_index`.
+`weighting.compute_weights_by_index`, which also gets the exact log-probs of the drawn actions
+(for gvpo and tpo, `weighting.NEEDS_LOGP`; there is no reference policy, so gvpo's reference is
+uniform). Under that vmap every scheme's branch is evaluated: the static `schemes` (default: all,
+one program for any grid) limits them to those of the grid (`schemes_in`), e.g. to leave out
+softmax_ess's bisection.
 
 PRNG: each seed's key is split once into named streams by the caller (task vs policy); the step
 key is `fold_in(policy_key, step)`, so a step-by-step replay (`policy_step`) sees exactly the same
@@ -62,10 +66,17 @@ def make_hparams(schemes, taus, learning_rates) -> HParams:
     for s in schemes:
         idx = weighting.scheme_index(s)
         for t in (taus if s in weighting.NEEDS_TAU else (float("nan"),)):
+            if s in weighting.NEEDS_TAU:
+                weighting.validate_tau(t, s)
             for lr in learning_rates:
                 rows.append((idx, t, lr))
     idx, tau, lr = zip(*rows)
     return HParams(jnp.asarray(idx, jnp.int32), jnp.asarray(tau, jnp.float32), jnp.asarray(lr, jnp.float32))
+
+
+def schemes_in(hps: HParams) -> tuple[str, ...]:
+    """The schemes of a (concrete) grid, in SCHEME_NAMES order: `sweep`'s static `schemes`."""
+    return tuple(weighting.SCHEME_NAMES[i] for i in sorted({int(i) for i in jnp.ravel(hps.scheme_index)}))
 
 
 def make_optimizer(name: str, learning_rate: Any = 1.0) -> optax.GradientTransformation:
@@ -127,10 +138,11 @@ def run_randomness(policy_key: chex.PRNGKey, num_steps: int, group_size: int):
 
 
 def policy_step(hp: HParams, env: Any, state: PolicyState, key: chex.PRNGKey, *, reward_fn: RewardFn,
-                values_fn: ValuesFn, group_size: int, optimizer: str) -> tuple[PolicyState, dict[str, chex.Array]]:
+                values_fn: ValuesFn, group_size: int, optimizer: str,
+                schemes: tuple[str, ...] | None = None) -> tuple[PolicyState, dict[str, chex.Array]]:
     """`step_given` with the randomness of the step key `key` (a step-by-step replay of `run`)."""
     return step_given(hp, env, state, step_randomness(key, group_size), reward_fn=reward_fn, values_fn=values_fn,
-                      group_size=group_size, optimizer=optimizer)
+                      group_size=group_size, optimizer=optimizer, schemes=schemes)
 
 
 def step_given(
@@ -143,6 +155,7 @@ def step_given(
     values_fn: ValuesFn,
     group_size: int,
     optimizer: str,
+    schemes: tuple[str, ...] | None = None,
 ) -> tuple[PolicyState, dict[str, chex.Array]]:
     """One pure step given its `step_randomness`: sample G actions, reward, weight, update.
 
@@ -158,7 +171,8 @@ def step_given(
     probs = jax.nn.softmax(z)[0]
     actions = rollout.inverse_cdf(uniforms, z)[0]
     rewards = reward_fn(env, reward_key, actions)
-    weights = weighting.compute_weights_by_index(rewards, hp.scheme_index, hp.tau)
+    logp_actions = jnp.log(probs[actions])  # exact: the policy that drew them (gvpo, tpo)
+    weights = weighting.compute_weights_by_index(rewards, hp.scheme_index, hp.tau, logp_actions, among=schemes)
     grads = weighted_nll_grad(probs, actions, weights)
     all_finite = grads_all_finite(grads, actions)
     updates, opt_state = make_optimizer(optimizer, hp.learning_rate).update(
@@ -169,7 +183,7 @@ def step_given(
         "actions": actions,
         "rewards": rewards,
         "weights": weights,
-        "logp_actions": jnp.log(probs[actions]),
+        "logp_actions": logp_actions,
         "p_best": jnp.sum(jnp.where(values == jnp.max(values), probs, 0.0)),
         "expected_reward": jnp.dot(probs, values),
         # NaN marks a skipped update (no gradient was applied): `run_metrics` counts them from it.
@@ -234,10 +248,12 @@ def run(
     values_fn: ValuesFn,
     group_size: int,
     optimizer: str,
+    schemes: tuple[str, ...] | None = None,
 ) -> dict[str, chex.Array]:
     """A whole run as one `lax.scan`: the records of its steps ([num_steps] leading)."""
     step = functools.partial(
-        step_given, reward_fn=reward_fn, values_fn=values_fn, group_size=group_size, optimizer=optimizer
+        step_given, reward_fn=reward_fn, values_fn=values_fn, group_size=group_size, optimizer=optimizer,
+        schemes=schemes,
     )
 
     def body(state, randomness):
@@ -262,7 +278,7 @@ def run_metrics(records: dict[str, chex.Array], env: Any, values_fn: ValuesFn,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("num_actions", "num_steps", "reward_fn", "values_fn", "group_size", "optimizer"),
+    static_argnames=("num_actions", "num_steps", "reward_fn", "values_fn", "group_size", "optimizer", "schemes"),
 )
 def sweep(
     hps: HParams,
@@ -275,11 +291,13 @@ def sweep(
     values_fn: ValuesFn,
     group_size: int,
     optimizer: str,
+    schemes: tuple[str, ...] | None = None,
 ) -> dict[str, chex.Array]:
     """All runs in one compiled call: hps: [C], envs and policy_keys: [S]. Metrics: [C, S, T].
 
     Every grid point sees the same S tasks and keys (common random numbers), so differences
-    between schemes are not differences in luck.
+    between schemes are not differences in luck. `schemes`: the only schemes `hps` may index
+    (`schemes_in(hps)`; a grid point outside them gets NaN weights), or None for all of them.
     """
     one = functools.partial(
         run,
@@ -289,6 +307,7 @@ def sweep(
         values_fn=values_fn,
         group_size=group_size,
         optimizer=optimizer,
+        schemes=schemes,
     )
     over_seeds = jax.vmap(one, in_axes=(None, 0, 0))
     single = hps.scheme_index.shape[0] == 1

@@ -58,6 +58,8 @@ class ExhaustiveConfig:
     def __post_init__(self):
         weighting.validate_scheme(self.scheme)
         weighting.validate_tau(self.tau, self.scheme)
+        check(self.scheme not in weighting.NEEDS_LOGP, f"scheme={self.scheme} is unavailable here: it needs the "
+              "samples' log-probs, which this testbed does not pass; use experiments.bandit or experiments.countdown")
         check(self.mode in MODES, f"mode={self.mode!r} is unknown; allowed: {', '.join(MODES)}")
         exhaustive.validate_mixing(self.mixing)
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")

@@ -73,6 +73,8 @@ class ThinkConfig:
     def __post_init__(self):
         weighting.validate_scheme(self.scheme)
         weighting.validate_tau(self.tau, self.scheme)
+        check(self.scheme not in weighting.NEEDS_LOGP, f"scheme={self.scheme} is unavailable here: it needs the "
+              "samples' log-probs, which this testbed does not pass; use experiments.bandit or experiments.countdown")
         check(self.search in SEARCHES, f"search={self.search!r} is unknown; allowed: {', '.join(SEARCHES)}")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} is invalid; need >= 1")
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")

@@ -65,6 +65,8 @@ class UpdateConfig:
         weighting.validate_scheme(self.scheme)
         if self.scheme in weighting.NEEDS_TAU or isinstance(self.tau, str):
             weighting.validate_tau(self.tau, self.scheme)
+        if self.scheme in weighting.TAU_IS_FRACTION and getattr(self, "tau_end", None) is not None:
+            weighting.validate_tau(self.tau_end, self.scheme)  # the loop's schedule ends there
         check(self.sft_steps >= 0, f"sft_steps={self.sft_steps} is invalid; need >= 0")
         check(self.sft_learning_rate is None or (self.sft_learning_rate > 0 and math.isfinite(self.sft_learning_rate)),
               f"sft_learning_rate={self.sft_learning_rate} is invalid; need a finite value > 0")
@@ -135,9 +137,16 @@ def response_log_probs(logits_fn: ResponseLogitsFn, params, prompts, prompt_mask
     return losses.token_log_probs(logits, responses), losses.token_entropy(logits)
 
 
-def group_weights(rewards: jax.Array, scheme: str, tau, batch_tau: jax.Array) -> jax.Array:
-    """[Q,G] rewards -> [Q,G] weights; a float tau is the loop's scheduled value (traced)."""
-    return weighting.compute_weights(rewards, scheme, tau="auto" if tau == "auto" else batch_tau)
+def group_weights(rewards: jax.Array, scheme: str, tau, batch_tau: jax.Array, logp=None, ref_logp=None) -> jax.Array:
+    """[Q,G] rewards -> [Q,G] weights; a float tau is the loop's scheduled value (traced). `logp`,
+    `ref_logp`: [Q,G] sequence log-probs under the rollout policy and the reference (NEEDS_LOGP)."""
+    return weighting.compute_weights(rewards, scheme, tau="auto" if tau == "auto" else batch_tau, logp=logp,
+                                     ref_logp=ref_logp)
+
+
+def group_sequence_log_probs(token_logp: jax.Array, response_mask: jax.Array, groups: int) -> jax.Array:
+    """[B,N] token log-probs -> [Q,G] log-probs of the whole responses (sums over their tokens)."""
+    return jnp.sum(jnp.where(response_mask, token_logp, 0.0), axis=-1).reshape(groups, -1)
 
 
 def _micro(x: jax.Array, m: int) -> jax.Array:
@@ -197,6 +206,9 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
     log-probs are stop_gradient(logp) of the loss's own forward: the same loss and gradient (the
     ratio is exactly 1) without a separate forward over the batch (measured 1.14-1.40x on the
     tiny preset's update). With more epochs they come from one forward before the first epoch.
+    The NEEDS_LOGP schemes (gvpo, tpo) weight with the rollout policy's sequence log-probs, from
+    that forward (so with ppo_epochs == 1 they cost one extra forward), and gvpo with the frozen
+    reference's when kl_coef > 0 (else its reference is uniform).
     """
     q, g = batch.rewards.shape
     chex.assert_axis_dimension(batch.responses, 0, q * g)
@@ -204,14 +216,22 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
     if grouped and q % m:
         raise ValueError(f"micro_batches={m} is invalid; with shared prompts it must divide the questions={q}")
     loss_cfg = cfg.loss_config()
-    weights = group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau)
     prompts = (batch.prompts[::g], batch.prompt_mask[::g]) if grouped else (batch.prompts, batch.prompt_mask)
     seq = prompts + (batch.responses, batch.response_mask)
     log_probs = functools.partial(response_log_probs, logits_fn)
     # None (an empty pytree) where a term does not need them: nothing extra goes through the scan.
     policy_params = state.params("policy")
-    old_logp = jax.lax.stop_gradient(log_probs(policy_params, *seq)[0]) if cfg.ppo_epochs > 1 else None
+    needs_logp = cfg.scheme in weighting.NEEDS_LOGP
+    rollout_logp = (jax.lax.stop_gradient(log_probs(policy_params, *seq)[0])
+                    if cfg.ppo_epochs > 1 or needs_logp else None)
+    old_logp = rollout_logp if cfg.ppo_epochs > 1 else None
     ref_logp = jax.lax.stop_gradient(log_probs(state.params("reference"), *seq)[0]) if cfg.kl_coef > 0 else None
+    if needs_logp:
+        seq_logp = group_sequence_log_probs(rollout_logp, batch.response_mask, q)
+        seq_ref = None if ref_logp is None else group_sequence_log_probs(ref_logp, batch.response_mask, q)
+        weights = group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau, seq_logp, seq_ref)
+    else:
+        weights = group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau)
     use_sl = cfg.sl_weight > 0 and batch.sl_responses.shape[0] > 0
     sl = (batch.sl_prompts, batch.sl_prompt_mask, batch.sl_responses, batch.sl_mask)
     xs = {
