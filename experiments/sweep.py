@@ -3,6 +3,7 @@
     python -m experiments.sweep bandit --name=tau --seeds=5 \\
         --arms="grpo: --scheme=linear; soft0.5: --scheme=softmax --tau=0.5" --common="--preset=tiny"
     python -m experiments.sweep char --name=tau --arms="..." --common="--preset=smoke" --seeds=5
+    python -m experiments.sweep --preset=bandit_tau    # a named study (experiments/studies.py)
     python -m experiments.sweep report        # results/index.md and the README's results blocks
 
 An arm is a name and the flags of that testbed's own command line (`experiments.<testbed>`), so
@@ -17,7 +18,9 @@ How each testbed runs its (arm, seed) pairs, the fastest way its shapes allow:
   think      one program per arm: its seeds as a population (`--population`; member p = seed p)
   char, countdown   one run per (arm, seed), `--seed=s`, in this process
 Scores: the final eval metrics (eval/*) of each run, and train/* metrics averaged over the last
-10% of steps (named train/*@end); curves: every eval/* at its eval steps and train/* (<= 200 points).
+10% of steps (train/*@end) and over the whole run (train/*@mean; the bandit's eval/p_best@mean,
+the area under its exact learning curve, says how fast it learned); curves (<= 100 points, 6
+significant digits): every eval/* at its eval steps and the train/* diagnostics in CURVES.
 """
 from __future__ import annotations
 
@@ -31,19 +34,25 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from experiments.studies import STUDIES
 from rlsoft import sweep as sw
 from rlsoft.config import check, parse_flags
 
 PROG = "python -m experiments.sweep"
 TESTBEDS = ("bandit", "char", "countdown", "think")
 DEFAULT_METRICS = {
-    "bandit": ("eval/p_best", "eval/p_best@mean", "train/weights/effective_n@end", "train/weights/entropy@end"),
+    "bandit": ("eval/p_best@mean", "eval/p_best", "train/weights/effective_n@mean", "train/weights/entropy@mean",
+               "train/grad_norm@mean"),
     "char": ("eval/top1", "eval/cross_entropy", "train/expected_reward@end", "train/weights/effective_n@end"),
     "countdown": ("eval/success", "train/reward@end", "train/weights/effective_n@end"),
     "think": ("train_accuracy", "accuracy", "thought_entropy", "hand_match"),
 }
 CONFIGS = {"char": "CharConfig", "countdown": "CountdownConfig", "think": "ThinkExperimentConfig"}
-MAX_POINTS = 200
+MAX_POINTS = 100
+# train/* curves kept in the run files (every eval/* curve is kept): the weight and policy diagnostics.
+CURVES = ("train/reward", "train/success", "train/expected_reward", "train/entropy", "train/grad_norm",
+          "train/response_length", "train/weights/effective_n", "train/weights/entropy", "train/weights/max_weight",
+          "train/weights/zero_std_frac", "train/skipped_updates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +123,7 @@ def history_scores(history: list[dict], prefix_map: Callable[[str], Optional[str
         for k, v in r.items():
             name = prefix_map(k) if k.startswith("eval/") else None
             if name is not None and np.ndim(v) == 0:
-                curves.setdefault(name, []).append([float(r["step"]), float(v)])
+                curves.setdefault(name, []).append([float(r["step"]), _round(v)])
     train = [r for r in history if train and any(k.startswith("train/") for k in r)]
     tail = train[-max(1, len(train) // 10):]
     every = max(1, len(train) // MAX_POINTS)
@@ -122,10 +131,15 @@ def history_scores(history: list[dict], prefix_map: Callable[[str], Optional[str
         vals = [float(r[k]) for r in tail if k in r and np.ndim(r[k]) == 0]
         if vals:
             final[f"{k}@end"] = float(np.mean(vals))
-        pts = [[float(r["step"]), float(r[k])] for r in train[::every] if k in r and np.ndim(r[k]) == 0]
-        if pts:
+            final[f"{k}@mean"] = float(np.mean([float(r[k]) for r in train if k in r and np.ndim(r[k]) == 0]))
+        pts = [[float(r["step"]), _round(r[k])] for r in train[::every] if k in r and np.ndim(r[k]) == 0]
+        if pts and k in CURVES:
             curves[k] = pts
     return final, curves
+
+
+def _round(x) -> float:
+    return float(f"{float(x):.6g}")  # curves: 6 significant digits keep the run files small
 
 
 def _record(arm: sw.Arm, seed: int, flags, final, curves, start: float, program: str) -> sw.RunRecord:
@@ -232,10 +246,12 @@ def run_bandit(cfg: SweepConfig, todo: dict[str, list[int]]):
                 tail = max(1, bcfg.steps // 10)
                 final = {k: float(v[-1]) for k, v in series.items() if k.startswith("eval/")}
                 final["eval/p_best@mean"] = float(np.mean(series["eval/p_best"]))
-                final.update({f"{k}@end": float(np.mean(v[-tail:])) for k, v in series.items() if k.startswith("train/")})
+                for k, v in series.items():
+                    if k.startswith("train/"):
+                        final[f"{k}@end"], final[f"{k}@mean"] = float(np.mean(v[-tail:])), float(np.mean(v))
                 every = max(1, bcfg.steps // MAX_POINTS)
-                curves = {k: [[float(s), float(x)] for s, x in zip(steps[every - 1::every], v[every - 1::every])]
-                          for k, v in series.items()}
+                curves = {k: [[float(s), _round(x)] for s, x in zip(steps[every - 1::every], v[every - 1::every])]
+                          for k, v in series.items() if k.startswith("eval/") or k in CURVES}
                 yield _record(arm, seed, flags, final, curves, start, program)
 
 
@@ -265,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv = [f"--testbed={argv[0]}"] + argv[1:]
-    cfg = parse_flags(SweepConfig, argv, prog=PROG)
+    cfg = parse_flags(SweepConfig, argv, presets=STUDIES, prog=PROG)
     try:
         if cfg.testbed == "report":
             report(cfg.out)

@@ -12,7 +12,8 @@ Layout under `out` (e.g. results/<testbed>/<sweep>/):
                                probability of improvement over it; then the other metrics
     curves.png                 the primary metric's learning curve per arm, mean over seeds with a
                                95% bootstrap band
-    tb/<arm>/seed<s>/          TensorBoard scalars of every run's curves
+    tb/<arm>/seed<s>/          TensorBoard scalars of every run's curves (derived from the run
+                               files, so not kept in git: `tensorboard --logdir=<out>/tb`)
 
 A run's file is written atomically when the run ends, so a killed sweep resumes where it stopped
 and never reruns a finished run. The spec is compared with the stored one: an arm whose flags
@@ -32,7 +33,7 @@ import numpy as np
 
 from rlsoft import stats
 
-ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+@-]*$")
 
 
 class SweepError(ValueError):
@@ -58,7 +59,7 @@ def parse_arms(text: str) -> list[Arm]:
         if not sep:
             raise SweepError(f"arm {part!r} is invalid; write name: --flag=value ... (arms separated by ';')")
         if not ARM_NAME.match(name):
-            raise SweepError(f"arm name {name!r} is invalid; use letters, digits and _ . = + -")
+            raise SweepError(f"arm name {name!r} is invalid; use letters, digits and _ . = + @ -")
         bad = [f for f in flags.split() if not f.startswith("--")]
         if bad:
             raise SweepError(f"arm {name}: {bad[0]!r} is not a flag; write --name=value")
@@ -92,15 +93,15 @@ def run_path(out: str, arm: str, seed: int) -> str:
     return os.path.join(out, "runs", arm, f"seed{seed}.json")
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: str, obj, indent: Optional[int] = 1) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
+        json.dump(obj, f, indent=indent, allow_nan=True)
     os.replace(path + ".tmp", path)  # a file is complete or absent
 
 
 def write_run(out: str, record: RunRecord) -> None:
-    _write_json(run_path(out, record.arm, record.seed), record.to_json())
+    _write_json(run_path(out, record.arm, record.seed), record.to_json(), indent=None)  # compact: many files
 
 
 def load_runs(out: str) -> list[RunRecord]:
@@ -208,13 +209,15 @@ def curve_matrix(runs: Mapping[int, RunRecord], metric: str) -> tuple[np.ndarray
 
 
 def plot_curves(records: Sequence[RunRecord], arms: Sequence[str], metric: str, path: str, title: str = "") -> bool:
-    """The metric's curve per arm: mean over seeds and a 95% bootstrap band. False: nothing to plot."""
+    """The metric's curve per arm (a summary score `m@mean` / `m@end` plots the curve of m): mean over
+    seeds and a 95% bootstrap band. False: nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = _by_arm(records)
+    metric = metric.split("@")[0]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for arm in arms:
@@ -277,7 +280,7 @@ def write_report(out: str, spec: Mapping) -> str:
         summary_table(records, arms, spec["baseline"], primary, metrics[1:]),
     ])
     if plot_curves(records, arms, primary, os.path.join(out, "curves.png"), title):
-        text += f"\n\n![{primary}](curves.png)"
+        text += f"\n\n![{primary.split('@')[0]}](curves.png)"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
     write_tensorboard(out, records)

@@ -32,7 +32,8 @@ def test_history_scores_finals_and_curves():
     history[9]["eval/acc"] = 0.25
     history[19]["eval/acc"] = 0.75
     final, curves = sweep_exp.history_scores(history)
-    assert final == {"eval/acc": 0.75, "train/reward@end": 18.5}  # mean of the last 10%: steps 18, 19
+    # train/*@end: the mean of the last 10% (steps 18, 19); @mean: of the whole run
+    assert final == {"eval/acc": 0.75, "train/reward@end": 18.5, "train/reward@mean": 9.5}
     assert curves["eval/acc"] == [[9.0, 0.25], [19.0, 0.75]]
     assert len(curves["train/reward"]) == 20
     final, curves = sweep_exp.history_scores(history, lambda k: k.replace("eval/", ""), train=False)
@@ -46,8 +47,8 @@ def test_bandit_sweep_writes_runs_and_a_table_from_them(tmp_path):
     assert sorted((r.arm, r.seed) for r in records) == [(a, s) for a in ("grpo", "soft") for s in range(3)]
     assert all(r.program == "one program of 2 arms x 3 seeds" for r in records)
     text = (out / "table.md").read_text()
-    soft = np.array([r.final["eval/p_best"] for r in sorted(records, key=lambda r: r.seed) if r.arm == "soft"])
-    grpo = np.array([r.final["eval/p_best"] for r in sorted(records, key=lambda r: r.seed) if r.arm == "grpo"])
+    soft = np.array([r.final["eval/p_best@mean"] for r in sorted(records, key=lambda r: r.seed) if r.arm == "soft"])
+    grpo = np.array([r.final["eval/p_best@mean"] for r in sorted(records, key=lambda r: r.seed) if r.arm == "grpo"])
     row = next(l for l in text.splitlines() if l.startswith("| soft | 3 |"))
     assert stats.interval(soft).format(3) in row and stats.interval(soft, "iqm").format(3) in row
     assert stats.paired_difference(soft, grpo).format(3) in row
