@@ -30,7 +30,10 @@ def quantile_arms(extra: str = "") -> str:
 # The bandit's K = 1,000 arms, one paying, G = 16 draws a step, SGD: p(best) is exact.
 BANDIT = "--arms=1000 --steps=1000 --group_size=16"
 LRS = (1.0, 3.0, 10.0, 30.0)
-LR_SCHEMES = (("linear", "linear", ""), ("softmax0.5", "softmax", "--tau=0.5"), ("softmax1", "softmax", "--tau=1"))
+# The char testbed's CPU defaults, 500 steps (TFDS cannot download here: the same text, local).
+CHAR = "--steps=500 --eval_every=100 --checkpoint_every=0 --text_file=../shared/data/tinyshakespeare.txt"
+LR_SCHEMES = (("linear", "linear", ""), ("softmax0.5", "softmax", "--tau=0.5"), ("softmax1", "softmax", "--tau=1"),
+              ("softmax0.25", "softmax", "--tau=0.25"), ("softmax_centered0.25", "softmax_centered", "--tau=0.25"))
 
 STUDIES = {
     "bandit_tau": dict(
@@ -44,6 +47,14 @@ STUDIES = {
         arms=arms(*[(f"{label}@lr{lr:g}", f"--scheme={scheme} {tau} --lr={lr:g}")
                     for label, scheme, tau in LR_SCHEMES for lr in LRS]),
         title="Bandit: each scheme over learning rates 1-30 (is the gap a step-size gap?)"),
+    # Each scheme at the learning rate bandit_lr picked for it, on NEW bandits (root key --seed=1), so
+    # the choice is not scored on the seeds that made it.
+    "bandit_tuned": dict(
+        testbed="bandit", name="tuned", seeds=20, common=BANDIT + " --seed=1",
+        arms=arms(("grpo@lr30", "--scheme=linear --lr=30"), ("softmax0.25@lr3", "--scheme=softmax --tau=0.25 --lr=3"),
+                  ("softmax0.5@lr3", "--scheme=softmax --tau=0.5 --lr=3"),
+                  ("softmax_centered0.25@lr30", "--scheme=softmax_centered --tau=0.25 --lr=30")),
+        title="Bandit: each scheme at its own tuned learning rate (tuned on bandit_lr's seeds, scored on new ones)"),
     "bandit_recent": dict(
         testbed="bandit", name="recent", seeds=20, common=BANDIT,
         arms=arms(("grpo", "--scheme=linear --lr=3"), ("softmax0.25", "--scheme=softmax --tau=0.25 --lr=3"),
@@ -53,7 +64,7 @@ STUDIES = {
                   *[(f"tpo{t:g}", f"--scheme=tpo --tau={t:g} --lr=3") for t in (0.5, 1.0)]),
         title="Bandit: the 2025-26 schemes (RS-GRPO, ESS-constrained softmax, GVPO, TPO) beside GRPO and softmax"),
     "char_tau": dict(
-        testbed="char", name="tau", seeds=5, common="--steps=500 --eval_every=100 --checkpoint_every=0",
+        testbed="char", name="tau", seeds=5, common=CHAR,
         arms=arms(("grpo", "--scheme=linear"), ("softmax0.25", "--scheme=softmax --tau=0.25"),
                   ("softmax0.5", "--scheme=softmax --tau=0.5"), ("softmax1", "--scheme=softmax --tau=1")),
         metrics=("eval/cross_entropy", "eval/top1", "train/expected_reward@end", "train/weights/effective_n@end"),

@@ -14,7 +14,8 @@ are the same in every arm. Results: results/<testbed>/<name>/ (see rlsoft/sweep.
 How each testbed runs its (arm, seed) pairs, the fastest way its shapes allow:
   bandit     every arm that differs only in --scheme, --tau, --lr joins ONE compiled program
              (rlsoft.bandit_sweep: arms x seeds vmapped, common random numbers); seed i is the
-             bandit's seed index i under --seed=0, so first_seed must be 0
+             bandit's seed index i under its root key --seed (default 0; a --seed in the
+             common flags draws new bandits), so first_seed must be 0
   think      one program per arm: its seeds as a population (`--population`; member p = seed p)
   char, countdown   one run per (arm, seed), `--seed=s`, in this process
 Scores: the final eval metrics (eval/*) of each run, and train/* metrics averaged over the last
@@ -214,7 +215,7 @@ def bandit_arm(cfg: SweepConfig, arm: sw.Arm):
     scheme = point.get("scheme", "linear")
     lr = point.get("lr", "3.0")
     flags = rest + [f"--schemes={scheme}", f"--taus={point.get('tau', '0.5')}", f"--lrs={lr}", f"--ref_lr={lr}",
-                    f"--seeds={cfg.first_seed + cfg.seeds}", "--seed=0", "--tensorboard=false", "--plot=false"]
+                    f"--seeds={cfg.first_seed + cfg.seeds}", "--tensorboard=false", "--plot=false"]
     bcfg = parse_flags(bandit.BanditConfig, flags, presets=bandit.PRESETS, prog=f"{PROG} bandit (arm {arm.name})")
     return bcfg, bandit_sweep.make_hparams(bcfg.schemes, bcfg.taus, bcfg.lrs), flags
 

@@ -134,3 +134,12 @@ def test_update_readme_fills_blocks_from_files(tmp_path):
     readme.write_text("<!-- results: y/table.md -->\n<!-- /results -->\n")
     with pytest.raises(sw.SweepError, match="does not exist"):
         sw.update_readme(str(readme), str(tmp_path / "results"))
+
+
+def test_bandit_root_seed_in_common_draws_new_bandits(tmp_path):
+    bandit_sweep(tmp_path, name="s0")
+    sweep_exp.main(["bandit", "--name=s1", f"--out={tmp_path}", "--seeds=3", f"--arms={ARMS}",
+                    f"--common={COMMON} --seed=1"])
+    s0 = {(r.arm, r.seed): r.final["eval/p_best@mean"] for r in sw.load_runs(str(tmp_path / "bandit" / "s0"))}
+    s1 = {(r.arm, r.seed): r.final["eval/p_best@mean"] for r in sw.load_runs(str(tmp_path / "bandit" / "s1"))}
+    assert s0.keys() == s1.keys() and all(s0[k] != s1[k] for k in s0)
