@@ -102,7 +102,7 @@ class SweepConfig:
         arms = self.arm_list
         return dict(testbed=self.testbed, common=self.common.split(), arms={a.name: list(a.flags) for a in arms},
                     baseline=self.baseline or arms[0].name, metrics=list(self.score_metrics), title=self.title,
-                    command=shlex.join(PROG.split() + list(argv)))
+                    command=shlex.join(PROG.split() + [a for a in argv if not a.startswith("--table_only")]))
 
 
 def _module(testbed: str):

@@ -117,7 +117,8 @@ def table(out: str) -> str:
     order = {r: i for i, r in enumerate(ROWS)}
     records.sort(key=lambda r: (r["modulus"], order.get(r["row"], len(order))))
     head = ["M", "row", "seeds"] + list(METRICS) + ["wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"# Thinking tokens on modular addition: every row x modulus, {PROG}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         cells = [str(r["modulus"]), r["row"], str(len(r["seeds"]))]
         for m in METRICS:

@@ -35,6 +35,22 @@ class Interval(NamedTuple):
         return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
+class _seeded_numpy:
+    """rliable's bootstraps draw their indices from NumPy's GLOBAL generator (`np.random.choice` in
+    `StratifiedBootstrap.update_indices`; the `random_state` it accepts is not used for them), so
+    a table would change on every rebuild. Seed the global generator for the call, then restore it."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.saved = np.random.get_state()
+        np.random.seed(self.seed)
+
+    def __exit__(self, *exc):
+        np.random.set_state(self.saved)
+
+
 def _aggregate(name: str):
     from rliable import metrics
 
@@ -63,7 +79,7 @@ def interval(scores, aggregate: str = "mean", confidence: float = 0.95, reps: in
         return Interval(v, math.nan, math.nan, x.shape[0])
     from rliable import library as rly
 
-    with warnings.catch_warnings():  # arch's notice that rliable's random_state keyword is deprecated
+    with warnings.catch_warnings(), _seeded_numpy(seed):  # arch's notice: random_state is deprecated
         warnings.simplefilter("ignore", FutureWarning)
         point, ci = rly.get_interval_estimates({"x": x}, _aggregate(aggregate), reps=reps,
                                                confidence_interval_size=confidence,
@@ -96,7 +112,7 @@ def probability_of_improvement(a, b, confidence: float = 0.95, reps: int = 2000,
     poi = lambda x, y: np.array([metrics.probability_of_improvement(x, y)])
     if min(a.shape[0], b.shape[0]) < 2:
         return Interval(float(poi(a, b)[0]), math.nan, math.nan, min(a.shape[0], b.shape[0]))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _seeded_numpy(seed):
         warnings.simplefilter("ignore", FutureWarning)
         point, ci = rly.get_interval_estimates({"x": (a, b)}, poi, reps=reps, confidence_interval_size=confidence,
                                                random_state=np.random.RandomState(seed))

@@ -294,7 +294,8 @@ def write_index(root: str = "results") -> str:
     lines = ["# Results", "", "Every table here is written by the command in its header, from the run files beside it.", ""]
     for p in tables:
         rel = os.path.relpath(p, root)
-        first = open(p).readline().strip().lstrip("# ").strip() or rel
+        first = open(p).readline().strip()
+        first = first[2:] if first.startswith("# ") else "a table"
         lines.append(f"- [{os.path.dirname(rel)}]({rel}): {first}")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(root, "index.md"), "w") as f:
@@ -307,7 +308,7 @@ BLOCK = re.compile(r"(<!-- results: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /re
 
 def update_readme(readme: str, root: str = "results") -> list[str]:
     """Replace each `<!-- results: PATH -->...<!-- /results -->` block of the README with the file
-    root/PATH (its '# ' title line dropped). Returns the paths filled in; a missing file is an error."""
+    root/PATH (its '# ' title in bold). Returns the paths filled in; a missing file is an error."""
     text = open(readme).read()
     filled = []
 
@@ -315,7 +316,7 @@ def update_readme(readme: str, root: str = "results") -> list[str]:
         path = os.path.join(root, m.group("path"))
         if not os.path.exists(path):
             raise SweepError(f"README block names {path}, which does not exist; run its sweep first")
-        body = "".join(l for l in open(path).readlines() if not l.startswith("# "))
+        body = "".join(f"**{l[2:].strip()}**\n" if l.startswith("# ") else l for l in open(path).readlines())
         here = os.path.dirname(path)  # the table's own relative links (its curves) seen from the README
         body = re.sub(r"\]\((?![a-z]+:|/)([^)]+)\)", lambda l: f"]({os.path.join(here, l.group(1))})", body)
         filled.append(m.group("path"))

@@ -72,3 +72,14 @@ def test_bootstrap_band_is_the_bootstrap_of_whole_curves():
         assert low[j] == pytest.approx(lo, abs=0.06) and high[j] == pytest.approx(hi, abs=0.06)
     one = stats.bootstrap_band(curves[:1])
     np.testing.assert_array_equal(one[1], curves[0])
+
+
+def test_intervals_are_reproducible_and_leave_numpy_global_state_alone():
+    x = np.random.RandomState(0).rand(20)
+    y = np.random.RandomState(1).rand(20)
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    assert stats.interval(x) == stats.interval(x)  # rliable draws from NumPy's global generator
+    assert stats.interval(x, seed=1) != stats.interval(x, seed=2)
+    assert stats.probability_of_improvement(x, y) == stats.probability_of_improvement(x, y)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)

@@ -129,7 +129,7 @@ def test_update_readme_fills_blocks_from_files(tmp_path):
     readme.write_text("intro\n<!-- results: x/table.md -->\nold, typed by hand\n<!-- /results -->\nend\n")
     assert sw.update_readme(str(readme), str(tmp_path / "results")) == ["x/table.md"]
     text = readme.read_text()
-    assert "typed by hand" not in text and "| a |" in text and "# title" not in text
+    assert "typed by hand" not in text and "| a |" in text and "**title**" in text and "# title" not in text
     assert f"![m]({tmp_path}/results/x/curves.png)" in text
     readme.write_text("<!-- results: y/table.md -->\n<!-- /results -->\n")
     with pytest.raises(sw.SweepError, match="does not exist"):

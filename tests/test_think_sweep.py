@@ -19,8 +19,9 @@ def test_table_reads_the_cell_files(tmp_path):
     _cell(tmp_path, "no_think", 10, [0.1, 0.1, 0.1, 0.1, 0.1])
     text = think_sweep.main([f"--out={tmp_path}", "--table_only"])
     lines = text.splitlines()
-    assert "no_think" in lines[2] and "blind_super_clean" in lines[3]  # ROWS order within a modulus
-    assert f"{np.mean([0.2, 0.3, 0.25, 0.35, 0.3]):.2f} [" in lines[3]
+    assert lines[0].startswith("# Thinking tokens")  # the title results/index.md shows
+    assert "no_think" in lines[4] and "blind_super_clean" in lines[5]  # ROWS order within a modulus
+    assert f"{np.mean([0.2, 0.3, 0.25, 0.35, 0.3]):.2f} [" in lines[5]
     assert (tmp_path / "table.md").read_text().strip() == text
 
 
