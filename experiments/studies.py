@@ -35,6 +35,51 @@ CHAR = "--steps=500 --eval_every=100 --checkpoint_every=0 --text_file=../shared/
 LR_SCHEMES = (("linear", "linear", ""), ("softmax0.5", "softmax", "--tau=0.5"), ("softmax1", "softmax", "--tau=1"),
               ("softmax0.25", "softmax", "--tau=0.25"), ("softmax_centered0.25", "softmax_centered", "--tau=0.25"))
 
+# Thinking tokens (research notes 004): per modulus, thoughts to spell the answer in base 10, the
+# batch the notes ask for, and steps; every arm's 5 seeds train as one population.
+THINK_MODULI = {
+    10: "--modulus=10 --max_thoughts=1 --batch_size=32 --steps=400 --chunk=100",
+    100: "--modulus=100 --max_thoughts=2 --batch_size=64 --steps=1000 --chunk=100",
+    1000: "--modulus=1000 --max_thoughts=3 --batch_size=64 --steps=1500 --chunk=100",
+}
+THINK_COMMON = ("--group_size=16 --thinker.learning_rate=1e-2 --answerer.learning_rate=3e-3 --eval_every=0 "
+                "--checkpoint_every=0 --progress=false --test_questions=1000 --train_questions=256")
+BSUPER = "--blind --super"
+CLEAN = f"{BSUPER} --clean --scheme=softmax --tau=0.25"
+# One variable at a time against blind_super_logp_softmax (the thinker's reward is log p(correct)).
+THINK_ARMS = {
+    "no_think": "--no_think",
+    "blind_super_clean": CLEAN,
+    "blind_super_logp_linear": f"{BSUPER} --scheme=linear",
+    "blind_super_logp_softmax_tau0.25": f"{BSUPER} --scheme=softmax --tau=0.25",
+    "blind_super_logp_softmax": f"{BSUPER} --scheme=softmax --tau=0.5",
+    "blind_super_logp_softmax_tau1": f"{BSUPER} --scheme=softmax --tau=1.0",
+    "blind_logp_softmax": "--blind --scheme=softmax --tau=0.5",
+    "blind_super_clean_enumerate": f"{CLEAN} --search=enumerate",
+    "blind_super_logp_softmax_enumerate": f"{BSUPER} --scheme=softmax --tau=0.5 --search=enumerate",
+    # Enumeration scores V^T thoughts per question: at M = 100 that is 100 x the batch, so a smaller batch.
+    "blind_super_clean_enumerate_b16": f"{CLEAN} --search=enumerate --batch_size=16 --steps=500",
+    "blind_super_clean_mctx": f"{BSUPER} --clean --search=mctx --num_simulations=16",
+    "blind_super_logp_mctx": f"{BSUPER} --search=mctx --num_simulations=16",
+    "blind_logp_mctx": "--blind --search=mctx --num_simulations=16",
+    "blind_super_logp_softmax_epsilon": f"{BSUPER} --scheme=softmax --tau=0.5 --epsilon=0.5 --epsilon_decay=0.995",
+    "blind_super_logp_softmax_token_epsilon": f"{BSUPER} --scheme=softmax --tau=0.5 --token_epsilon=0.1",
+    "blind_super_logp_softmax_no_entropy": f"{BSUPER} --scheme=softmax --tau=0.5 --entropy_coef=0",
+    "blind_super_clean_b16": f"{CLEAN} --batch_size=16",
+    "blind_super_clean_weight_decay": f"{CLEAN} --answerer.weight_decay=0.1 --thinker.weight_decay=0.1",
+}
+THINK_COMPARISONS = ("blind_super_clean - blind_super_logp_softmax; "  # does softmax over log p recover clean?
+                     "blind_super_clean_enumerate - blind_super_clean; blind_super_clean_mctx - blind_super_clean; "
+                     "no_think - blind_super_clean [accuracy]")
+
+
+def think_study(modulus: int, names, comparisons: str = THINK_COMPARISONS, baseline: str = "") -> dict:
+    return dict(testbed="think", name=f"m{modulus}", seeds=5, common=f"{THINK_MODULI[modulus]} {THINK_COMMON}",
+                arms=arms(*[(n, THINK_ARMS[n]) for n in names]), baseline=baseline or names[0],
+                comparisons=comparisons,
+                title=f"Thinking tokens on modular addition, M = {modulus}: every arm one population of 5 seeds")
+
+
 STUDIES = {
     "bandit_tau": dict(
         testbed="bandit", name="tau", seeds=20, common=BANDIT, arms=tau_arms("--lr=3"),
@@ -63,6 +108,13 @@ STUDIES = {
                   *[(f"gvpo{t:g}", f"--scheme=gvpo --tau={t:g} --lr=3") for t in (0.1, 0.5)],
                   *[(f"tpo{t:g}", f"--scheme=tpo --tau={t:g} --lr=3") for t in (0.5, 1.0)]),
         title="Bandit: the 2025-26 schemes (RS-GRPO, ESS-constrained softmax, GVPO, TPO) beside GRPO and softmax"),
+    "think_m10": think_study(10, [n for n in THINK_ARMS if not n.endswith(("_b16", "_weight_decay"))],
+                             baseline="blind_super_logp_softmax"),
+    "think_m100": think_study(100, ["no_think", "blind_super_clean", "blind_super_clean_enumerate_b16"],
+                              comparisons="no_think - blind_super_clean [accuracy]", baseline="blind_super_clean"),
+    # Notes 004: M = 1000 needs batch >= 64 and no weight decay (not run on this CPU: compute).
+    "think_m1000": think_study(1000, ["blind_super_clean", "blind_super_clean_b16", "blind_super_clean_weight_decay",
+                                      "no_think"], comparisons="no_think - blind_super_clean [accuracy]"),
     "char_tau": dict(
         testbed="char", name="tau", seeds=5, common=CHAR,
         arms=arms(("grpo", "--scheme=linear"), ("softmax0.25", "--scheme=softmax --tau=0.25"),

@@ -46,7 +46,8 @@ DEFAULT_METRICS = {
                "train/grad_norm@mean"),
     "char": ("eval/top1", "eval/cross_entropy", "train/expected_reward@end", "train/weights/effective_n@end"),
     "countdown": ("eval/success", "train/reward@end", "train/weights/effective_n@end"),
-    "think": ("train_accuracy", "accuracy", "thought_entropy", "hand_match"),
+    "think": ("train_accuracy", "accuracy", "hand_accuracy", "shuffled_accuracy", "hand_match", "thought_entropy",
+              "mutual_information"),
 }
 CONFIGS = {"char": "CharConfig", "countdown": "CountdownConfig", "think": "ThinkExperimentConfig"}
 MAX_POINTS = 100
@@ -66,6 +67,7 @@ class SweepConfig:
     seeds: int = 5
     first_seed: int = 0
     metrics: tuple[str, ...] = ()  # the first is the table's primary score; default: the testbed's
+    comparisons: str = ""  # more paired differences: "armA - armB [metric]; ..."
     title: str = ""
     out: str = "results"
     population: bool = True  # bandit / think: seeds (and bandit arms) in one program
@@ -83,6 +85,7 @@ class SweepConfig:
         arms = sw.parse_arms(self.arms)  # SweepError is a ValueError: one line, exit 2
         check(not self.baseline or self.baseline in {a.name for a in arms},
               f"baseline={self.baseline} is not one of the arms ({', '.join(a.name for a in arms)})")
+        sw.parse_comparisons(self.comparisons, [a.name for a in arms])
         check(self.testbed != "bandit" or self.first_seed == 0,
               "first_seed must be 0 for the bandit (its seeds are indices under one root key)")
 
@@ -102,6 +105,7 @@ class SweepConfig:
         arms = self.arm_list
         return dict(testbed=self.testbed, common=self.common.split(), arms={a.name: list(a.flags) for a in arms},
                     baseline=self.baseline or arms[0].name, metrics=list(self.score_metrics), title=self.title,
+                    comparisons=sw.parse_comparisons(self.comparisons, [a.name for a in arms]),
                     command=shlex.join(PROG.split() + [a for a in argv if not a.startswith("--table_only")]))
 
 

@@ -89,6 +89,24 @@ class RunRecord:
         return dataclasses.asdict(self)
 
 
+COMPARISON = re.compile(r"^\s*(\S+)\s+-\s+(\S+)(?:\s+\[(\S+)\])?\s*$")
+
+
+def parse_comparisons(text: str, arms: Sequence[str]) -> list[tuple[str, str, Optional[str]]]:
+    """`"a - b [metric]; c - d"` -> [(a, b, metric or None = the primary)]: paired differences
+    between arms other than against the baseline, each one variable apart."""
+    out = []
+    for part in filter(str.strip, text.split(";")):
+        m = COMPARISON.match(part)
+        if not m:
+            raise SweepError(f"comparison {part.strip()!r} is invalid; write 'armA - armB [metric]'")
+        for name in m.group(1, 2):
+            if name not in arms:
+                raise SweepError(f"comparison {part.strip()!r} names {name}, which is not an arm")
+        out.append((m.group(1), m.group(2), m.group(3)))
+    return out
+
+
 def run_path(out: str, arm: str, seed: int) -> str:
     return os.path.join(out, "runs", arm, f"seed{seed}.json")
 
@@ -161,9 +179,10 @@ def _interval_or_note(scores: np.ndarray, digits: int, aggregate: str = "mean") 
 
 
 def summary_table(records: Sequence[RunRecord], arms: Sequence[str], baseline: str, metric: str,
-                  others: Sequence[str] = (), digits: int = 3) -> str:
-    """Markdown, from the run files only. Rows follow `arms`; the comparison with the baseline uses
-    the seeds both arms finished (paired)."""
+                  others: Sequence[str] = (), digits: int = 3,
+                  comparisons: Sequence[tuple[str, str, Optional[str]]] = ()) -> str:
+    """Markdown, from the run files only. Rows follow `arms`; the comparison with the baseline (and
+    each of `comparisons`) uses the seeds both arms finished (paired)."""
     runs = _by_arm(records)
     base = runs.get(baseline, {})
     head = ["arm", "seeds", f"{metric} mean [95% CI]", "IQM [95% CI]", f"- {baseline} (paired)",
@@ -195,6 +214,19 @@ def summary_table(records: Sequence[RunRecord], arms: Sequence[str], baseline: s
                 x = _scores(mine, m, sorted(mine)) if mine else None
                 cells.append("-" if x is None else _interval_or_note(x, digits))
             lines.append("| " + " | ".join(cells) + " |")
+    if comparisons:
+        lines += ["", "| A - B (paired over shared seeds) | metric | seeds | mean [95% CI] | P(A > B) |",
+                  "|---|---|---|---|---|"]
+        for a, b, m in comparisons:
+            m = m or metric
+            shared = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+            xa = _scores(runs.get(a, {}), m, shared) if shared else None
+            xb = _scores(runs.get(b, {}), m, shared) if shared else None
+            if xa is None or xb is None or not (np.all(np.isfinite(xa)) and np.all(np.isfinite(xb))):
+                lines.append(f"| {a} - {b} | {m} | {len(shared)} | - | - |")
+                continue
+            lines.append(f"| {a} - {b} | {m} | {len(shared)} | {_fmt(stats.paired_difference(xa, xb), digits)} | "
+                         f"{_fmt(stats.probability_of_improvement(xa, xb), 2)} |")
     return "\n".join(lines)
 
 
@@ -277,7 +309,8 @@ def write_report(out: str, spec: Mapping) -> str:
         "Mean and IQM over seeds with 95% stratified-bootstrap CIs (rliable); the difference from the "
         "baseline is paired over shared seeds; P(X > baseline) is rliable's probability of improvement."
         + (f" **Only {len(seeds)} seed(s): no claim can rest on this table.**" if len(seeds) < 5 else ""), "",
-        summary_table(records, arms, spec["baseline"], primary, metrics[1:]),
+        summary_table(records, arms, spec["baseline"], primary, metrics[1:],
+                      comparisons=[tuple(c) for c in spec.get("comparisons", [])]),
     ])
     if plot_curves(records, arms, primary, os.path.join(out, "curves.png"), title):
         text += f"\n\n![{primary.split('@')[0]}](curves.png)"
