@@ -155,10 +155,11 @@ def _record(arm: sw.Arm, seed: int, flags, final, curves, start: float, program:
 
 # ---- runners: (cfg, {arm: pending seeds}) -> yields finished RunRecords --------------------------
 def run_single(cfg: SweepConfig, todo: dict[str, list[int]]):
-    """char, countdown: one run per (arm, seed) in this process."""
+    """char, countdown: one run per (arm, seed) in this process, seed by seed (every arm's seed 0
+    first), so a sweep stopped early still holds paired runs of every arm."""
     main = _module(cfg.testbed).main
-    for arm in cfg.arm_list:
-        for seed in todo.get(arm.name, []):
+    for seed in sorted({s for seeds in todo.values() for s in seeds}):
+        for arm in (a for a in cfg.arm_list if seed in todo.get(a.name, [])):
             flags = cfg.common.split() + list(arm.flags) + [f"--seed={seed}", "--progress=false"]
             start = time.time()
             result = main(flags)
