@@ -25,6 +25,7 @@ from envs import countdown
 from rlsoft import eval_stats, optim, rollout
 from rlsoft.config import check, parse_flags
 from rlsoft.driver import Driver, RunError, prepare_run
+from rlsoft.mesh import make_mesh
 from rlsoft.train_loop import LanguageTestbed, PolicyModel, TrainConfig
 
 MARKUP = ("<think>", "</think>", "<answer>", "</answer>")
@@ -153,16 +154,19 @@ def build(cfg: CountdownConfig):
         model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed))
         task = CountdownTask(train, test, tok, chat=False, stop_ids=(tok.eos_id,))
     graphdef, params = nnx.split(model)
-    return qwen2_policy(graphdef), params, task
+    return qwen2_policy(graphdef, model.cfg), params, task
 
 
-def qwen2_policy(graphdef) -> PolicyModel:
+def qwen2_policy(graphdef, model_cfg=None) -> PolicyModel:
     """The testbed's view of a Qwen2: the segmented-cache sampler's decode functions, the blocked
-    training forward and the group-shared-prompt response logits (benchmarks.train_step times these)."""
-    from models import qwen2_decode, qwen2_train
+    training forward and the group-shared-prompt response logits (benchmarks.train_step times these);
+    with `model_cfg`, the parameters' logical axes (models.qwen2_sharding) that --mesh shards by."""
+    from models import qwen2_decode, qwen2_sharding, qwen2_train
 
+    axes = {} if model_cfg is None else dict(param_axes=qwen2_sharding.logical_axes,
+                                             axis_units=qwen2_sharding.axis_units(model_cfg))
     return PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_train.train_forward(graphdef),
-                       response_logits=qwen2_train.response_logits(graphdef))
+                       response_logits=qwen2_train.response_logits(graphdef), **axes)
 
 
 def stop_ids(tok) -> tuple[int, ...]:
@@ -193,7 +197,9 @@ def load_hf(model_dir: str):
 
 
 def make_driver(cfg: CountdownConfig) -> Driver:
-    """The run directory checked first (nothing built before), then the model, task and driver."""
+    """The mesh sizes against the devices and the run directory checked first (nothing built before),
+    then the model, task and driver."""
+    make_mesh(cfg.mesh)
     run_dir = prepare_run(cfg, "countdown")
     policy, params, task = build(cfg)
     return Driver(LanguageTestbed(cfg, policy, params, task), cfg, run_dir)

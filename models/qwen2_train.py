@@ -36,6 +36,7 @@ from flax import nnx
 
 from models import qwen2
 from models.matmul import swapped_product
+from rlsoft.mesh import constrain
 from rlsoft.rollout import prompt_positions
 
 BLOCK = 64
@@ -127,6 +128,19 @@ def _attention_bwd(scale, res, d_out):
 _block_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _embed(module: qwen2.Qwen2, tokens):
+    """The token embeddings [B,T,d]. Under a mesh (rlsoft.mesh.constrain) the table's fsdp split of d is
+    gathered before the lookup, as FSDP gathers every weight where it is used, and the embeddings keep
+    their rows split over data x fsdp: otherwise they inherit the table's split of d, which XLA can only
+    undo by replicating the lookup, and later all-gathers the batch before the projections."""
+    emb = module.embed_tokens
+    if jax.sharding.get_abstract_mesh().empty:
+        return emb(tokens)
+    (table,) = emb.promote_dtype((emb.embedding[...],), dtype=emb.dtype, inexact=False)  # as nnx.Embed
+    table = constrain(table, ("vocab", None))
+    return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
+
+
 def _layers(module: qwen2.Qwen2, tokens, positions, mask, prefix=None, block: int = BLOCK):
     """Hidden states [B,T,d] after the last block (before the final norm), and each layer's (k, v)
     [B,T,H_kv,D].
@@ -143,7 +157,7 @@ def _layers(module: qwen2.Qwen2, tokens, positions, mask, prefix=None, block: in
     cos, sin = qwen2.rope_tables(positions, hd, cfg.rope_theta)
     causal = jnp.tril(jnp.ones((t, t), bool))
     key_mask = mask.astype(bool).reshape(bp, g, 1, t)
-    x = module.embed_tokens(tokens)
+    x = _embed(module, tokens)
     kvs = []
     for i, layer in enumerate(module.layers):
         q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
@@ -162,7 +176,7 @@ def _layers(module: qwen2.Qwen2, tokens, positions, mask, prefix=None, block: in
                                          causal[None, None, s:e, :e] & key_mask[..., :e], pre, hd ** -0.5))
         o = jnp.concatenate(outs, axis=4).transpose(0, 1, 4, 2, 3, 5)  # [Bp,G,T,K,R,D]
         x = x + layer.self_attn.o_proj(o.reshape(b, t, cfg.num_attention_heads * hd))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = constrain(x + layer.mlp(layer.post_attention_layernorm(x)), ("batch", None, None))
     return x, kvs
 
 

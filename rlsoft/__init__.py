@@ -10,7 +10,8 @@ The public names, importable from the package (`from rlsoft import compute_weigh
   testbeds    LanguageTestbed, TrainConfig, PolicyModel, NextTokenTestbed, NextTokenFns, ExhaustiveConfig,
               ThinkTestbed, ThinkFns, ThinkConfig, search_sequences
   the driver  Driver, RunConfig, prepare_run, RunError, stream_keys
-  runs        Checkpointer, TensorBoardLogger, parse_flags, make_mesh
+  runs        Checkpointer, TensorBoardLogger, parse_flags, make_mesh (1-D data mesh)
+  sharding    MeshConfig, param_shardings, train_state_shardings, shard_rows ((data, fsdp, tensor) mesh)
   statistics  interval, paired_difference
 
 Names are imported on first use, so `import rlsoft` stays cheap (no orbax or tensorboardX until
@@ -40,6 +41,7 @@ _EXPORTS = {
     "rlsoft.logger": ("TensorBoardLogger",),
     "rlsoft.config": ("parse_flags",),
     "rlsoft.sharding": ("make_mesh",),
+    "rlsoft.mesh": ("MeshConfig", "param_shardings", "train_state_shardings", "shard_rows"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

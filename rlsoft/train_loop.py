@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, ClassVar, Mapping, NamedTuple, Optional, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 import numpy as np
 
 from rlsoft import roles, rollout, trainer
+from rlsoft import mesh as mesh_lib
 from rlsoft.config import check
 from rlsoft.driver import RunConfig
 from rlsoft.schedules import TAU_SCHEDULES, make_tau_schedule
-from rlsoft.sharding import make_mesh, replicate, shard_batch
 
 
 class PolicyModel(NamedTuple):
@@ -33,6 +33,10 @@ class PolicyModel(NamedTuple):
     forward: trainer.ForwardFn  # (params, tokens, positions, mask) -> logits
     # Optional: logits of the response tokens with each question's prompt run once (trainer docstring).
     response_logits: Optional[trainer.ResponseLogitsFn] = None
+    # Optional: param path -> logical axis per dim (e.g. models.qwen2_sharding.logical_axes) and the
+    # units of flat logical dims (heads); rlsoft.mesh's rules shard by them. None: params replicated.
+    param_axes: Optional[Callable[[tuple], tuple]] = None
+    axis_units: Optional[Mapping[str, int]] = None
 
 
 class TextTask(Protocol):
@@ -66,6 +70,7 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
     eval_questions: int = 64
     eval_batch: int = 64
     samples_to_log: int = 2
+    mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()  # --mesh.data / --mesh.fsdp / --mesh.tensor
 
     FLAG_ALIASES: ClassVar[dict[str, str]] = {
         **trainer.UpdateConfig.FLAG_ALIASES,
@@ -132,18 +137,26 @@ class LanguageTestbed:
 
     def __init__(self, cfg: TrainConfig, model: PolicyModel, params: Any, task: TextTask):
         self.cfg, self.model, self.task = cfg, model, task
-        self.mesh = make_mesh()
+        self.mesh = mesh_lib.make_mesh(cfg.mesh)
         self.total_steps = cfg.sft_steps + cfg.steps
-        self.update, self.sft_update = trainer.make_update(model.forward, cfg, model.response_logits)
+        # Params, optimizer state (like its params) and reference placed by the model's logical axes;
+        # the update keeps them so (in/out shardings) and takes the batch's rows over data x fsdp.
+        self.shard_params = lambda tree: mesh_lib.param_shardings(tree, self.mesh, model.param_axes,
+                                                                  model.axis_units)
+        abstract = jax.eval_shape(lambda p: trainer.init_state(p, cfg), params)
+        self.state_sharding = mesh_lib.train_state_shardings(
+            abstract, self.shard_params, {"policy": trainer.make_optimizer(cfg)}, self.mesh)
+        self.update, self.sft_update = trainer.make_update(model.forward, cfg, model.response_logits,
+                                                           self.state_sharding)
         sampling = dataclasses.replace(cfg.sampling, stop_ids=task.stop_ids, pad_id=task.pad_id)
         self.sample = rollout.make_sampler(model.decode, sampling, cfg.group_size)
         self.greedy = rollout.make_sampler(model.decode, dataclasses.replace(sampling, temperature=0.0), 1)
-        self.initial_params = replicate(params, self.mesh)
+        self.initial_params = jax.device_put(params, self.shard_params(params))
 
     def init_state(self) -> roles.TrainState:
-        # The whole state on the mesh, scalars (step, optimizer counts) included: the update returns
-        # it placed so, and an input placed differently would compile the update a second time.
-        return replicate(trainer.init_state(self.initial_params, self.cfg), self.mesh)
+        # The whole state on the mesh, scalars (step, optimizer counts) included, as the update's
+        # in/out shardings say (an input placed differently would not match them).
+        return jax.device_put(trainer.init_state(self.initial_params, self.cfg), self.state_sharding)
 
     def steps_per_call(self) -> int:
         return 1
@@ -157,21 +170,19 @@ class LanguageTestbed:
         assert num_steps == 1, "the language-model testbed takes one step per call"
         if step == self.cfg.sft_steps and "reference" in state.roles:
             # The KL reference is the model RL starts from (after the warm start).
-            state = state.replace_role("reference", replicate(roles.frozen(state.params("policy")), self.mesh))
+            reference = jax.device_put(roles.frozen(state.params("policy")), self.state_sharding.roles["reference"])
+            state = state.replace_role("reference", reference)
         if step < self.cfg.sft_steps:
             return self._sft_step(state, step, keys)
         return self._rl_step(state, step, keys)
 
     # ---- device placement ---------------------------------------------------------------
     def _shard(self, tree):
-        rows = jax.tree.leaves(tree)[0].shape[0]
-        return shard_batch(tree, self.mesh) if rows % self.mesh.size == 0 else tree
+        """Rows over data x fsdp where they divide (rlsoft.mesh.shard_rows), scalars replicated."""
+        return mesh_lib.shard_rows(tree, self.mesh)
 
     def _shard_rows(self, batch: trainer.Batch) -> trainer.Batch:
-        """Split every batch field with a leading row axis across the devices (params are replicated)."""
-        n = self.mesh.size
-        return batch._replace(**{k: shard_batch(v, self.mesh) if np.ndim(v) and v.shape[0] % n == 0 and n > 1
-                                 else v for k, v in batch._asdict().items()})
+        return mesh_lib.shard_rows(batch, self.mesh)
 
     def _prompts(self, indices, split):
         toks, mask = rollout.left_pad(self.task.prompt_tokens(indices, split), self.task.pad_id,

@@ -299,14 +299,41 @@ def weight_metrics(rewards: jax.Array, weights: jax.Array, diag_tau: float) -> d
     return out
 
 
-def make_update(forward: ForwardFn, cfg: UpdateConfig, response_logits: Optional[ResponseLogitsFn] = None):
+def make_update(forward: ForwardFn, cfg: UpdateConfig, response_logits: Optional[ResponseLogitsFn] = None,
+                state_sharding: Any = None):
     """`update` and `sft_update` jitted once each, donating the old state.
 
     With `response_logits` (a model's group-shared-prompt version, see the module docstring) the
     RL update runs each question's prompt once for its G rows; otherwise `forward` serves both.
+    `state_sharding` (a TrainState of NamedShardings, rlsoft.mesh.train_state_shardings) fixes the
+    state's input and output shardings, so the updated state stays sharded as it came (params,
+    optimizer state and reference) and the next call reuses the compiled update; the batch keeps the
+    shardings it was placed with (rlsoft.mesh.shard_rows).
     """
     grouped = response_logits is not None
     logits_fn = response_logits if grouped else response_logits_from_forward(forward)
-    rl = jax.jit(functools.partial(update, logits_fn=logits_fn, grouped=grouped, cfg=cfg), donate_argnums=0)
-    sft = jax.jit(functools.partial(sft_update, logits_fn=logits_fn, cfg=cfg), donate_argnums=0)
-    return rl, sft
+    rl = functools.partial(update, logits_fn=logits_fn, grouped=grouped, cfg=cfg)
+    sft = functools.partial(sft_update, logits_fn=logits_fn, cfg=cfg)
+    if state_sharding is None:
+        return jax.jit(rl, donate_argnums=0), jax.jit(sft, donate_argnums=0)
+    out = (state_sharding, None)
+    rl = jax.jit(rl, donate_argnums=0, in_shardings=(state_sharding, None), out_shardings=out)
+    sft = jax.jit(sft, donate_argnums=0, in_shardings=(state_sharding,) + (None,) * 4, out_shardings=out)
+    mesh = jax.tree.leaves(state_sharding)[0].mesh
+    return _under_mesh(rl, mesh), _under_mesh(sft, mesh)
+
+
+def _under_mesh(jitted, mesh):
+    """Calls (and `.lower`) of `jitted` traced under `jax.set_mesh(mesh)`: the models' activation
+    constraints (rlsoft.mesh.constrain) see the mesh; every call enters it, so the cache hits."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
