@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Proto
 import jax
 import numpy as np
 
-from rlsoft import roles, rollout, trainer
+from rlsoft import eval_stats, roles, rollout, trainer
 from rlsoft import mesh as mesh_lib
 from rlsoft.config import check
 from rlsoft.driver import RunConfig
@@ -69,6 +69,7 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
     tau_schedule: str = "constant"
     eval_questions: int = 64
     eval_batch: int = 64
+    eval_k: int = 4  # samples per eval question at temperature 1 (mean@k); 0: greedy only
     samples_to_log: int = 2
     mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()  # --mesh.data / --mesh.fsdp / --mesh.tensor
 
@@ -80,7 +81,7 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
     def __post_init__(self):
         trainer.UpdateConfig.__post_init__(self)
         RunConfig.__post_init__(self)
-        for name in ("steps", "eval_questions", "samples_to_log"):
+        for name in ("steps", "eval_questions", "eval_k", "samples_to_log"):
             check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} is invalid; need >= 0")
         check(self.questions_per_step >= 1, f"questions_per_step={self.questions_per_step} is invalid; need >= 1")
         check(self.group_size >= 2, f"group_size={self.group_size} is invalid; need >= 2")
@@ -150,7 +151,11 @@ class LanguageTestbed:
                                                            self.state_sharding)
         sampling = dataclasses.replace(cfg.sampling, stop_ids=task.stop_ids, pad_id=task.pad_id)
         self.sample = rollout.make_sampler(model.decode, sampling, cfg.group_size)
-        self.greedy = rollout.make_sampler(model.decode, dataclasses.replace(sampling, temperature=0.0), 1)
+        # One eval call: per question a greedy row, then eval_k rows sampled at temperature 1.
+        k = cfg.eval_k
+        plain = dataclasses.replace(sampling, temperature=1.0 if k else 0.0, top_k=0, top_p=1.0)
+        self.eval_sample = rollout.make_sampler(model.decode, plain, 1 + k, greedy_rows=1 if k else 0)
+        self.last_eval: Optional[dict[str, np.ndarray]] = None  # the latest eval's per-question outcomes
         self.initial_params = jax.device_put(params, self.shard_params(params))
 
     def init_state(self) -> roles.TrainState:
@@ -239,10 +244,13 @@ class LanguageTestbed:
             metrics[f"text/sample_{i}"] = task.decode(row)
         return state, metrics
 
-    def evaluate(self, state, keys) -> dict:
-        """Greedy decoding of the first `eval_questions` held-out questions; mean of every score."""
-        n = min(self.cfg.eval_questions, self.task.num_eval)
-        totals: dict[str, list] = {}
+    def eval_outcomes(self, state, keys) -> dict[str, np.ndarray]:
+        """Per held-out question (the first `eval_questions`, in order): the greedy response's scores
+        ("success", "reward", ...) and, with eval_k > 0, "mean_at_k": the mean success of eval_k
+        responses sampled at temperature 1. Eval batch b samples with fold_in(eval key, b); the
+        same key at every eval, so evals of one run compare on the same draws."""
+        n, g = min(self.cfg.eval_questions, self.task.num_eval), 1 + self.cfg.eval_k
+        parts: dict[str, list] = {}
         for lo in range(0, n, self.cfg.eval_batch):
             idx = np.arange(lo, min(lo + self.cfg.eval_batch, n))
             prompts, pmask = self._prompts(idx, "eval")
@@ -250,8 +258,18 @@ class LanguageTestbed:
             if pad:
                 prompts, pmask = np.concatenate([prompts, prompts[:1].repeat(pad, 0)]), np.concatenate(
                     [pmask, pmask[:1].repeat(pad, 0)])
-            out = self.greedy(state.params("policy"), prompts, pmask, keys["eval"])
-            rows = _rows(np.asarray(out.tokens), np.asarray(out.mask))[: len(idx)]
-            for k, v in self.task.score(idx, "eval", rows).items():
-                totals.setdefault(k, []).extend(np.asarray(v).tolist())
-        return {f"eval/{k}": float(np.mean(v)) for k, v in totals.items()}
+            out = self.eval_sample(state.params("policy"), prompts, pmask, jax.random.fold_in(keys["eval"], lo))
+            rows = _rows(np.asarray(out.tokens), np.asarray(out.mask))[: len(idx) * g]
+            for k, v in self.task.score(np.repeat(idx, g), "eval", rows).items():
+                v = np.asarray(v, np.float64).reshape(len(idx), g)
+                parts.setdefault(k, []).append(v[:, 0])
+                if k == "success" and g > 1:
+                    parts.setdefault("mean_at_k", []).append(v[:, 1:].mean(1))
+        self.last_eval = {k: np.concatenate(v) for k, v in parts.items()}
+        return self.last_eval
+
+    def evaluate(self, state, keys) -> dict:
+        """The means of `eval_outcomes`, with the standard errors of success and mean_at_k
+        (rlsoft.eval_stats); nothing when eval_questions is 0."""
+        outcomes = self.eval_outcomes(state, keys)
+        return eval_stats.summarize(outcomes) if outcomes else {}

@@ -31,7 +31,8 @@ def test_smoke_run_logs_every_metric(tmp_path, capsys):
     scalars = read_scalars(result["run_dir"])
     for tag in ("train/reward", "train/success", "train/format", "train/reward_std", "train/loss", "train/grad_norm",
                 "train/entropy", "train/kl", "train/sl_loss", "train/completions/mean_length", "train/tau",
-                "train/tokens_per_s", "eval/success", "train/weights/effective_n", "train/frac_reward_zero_std",
+                "train/tokens_per_s", "eval/success", "eval/success_se", "eval/mean_at_k", "eval/mean_at_k_se",
+                "train/weights/effective_n", "train/frac_reward_zero_std",
                 "train/clip_ratio/region_mean", "train/skipped_updates", "diag/linear/max_weight",
                 "diag/softmax_tau0.5/effective_n", "diag/softmax_tau0.5/weight_on_best", "diag/linear/entropy",
                 "sft/loss", "sft/grad_norm"):
