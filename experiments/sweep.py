@@ -45,7 +45,9 @@ DEFAULT_METRICS = {
     "bandit": ("eval/p_best@mean", "eval/p_best", "train/weights/effective_n@mean", "train/weights/entropy@mean",
                "train/grad_norm@mean"),
     "char": ("eval/top1", "eval/cross_entropy", "train/expected_reward@end", "train/weights/effective_n@end"),
-    "countdown": ("eval/success", "train/reward@end", "train/weights/effective_n@end"),
+    "countdown": ("eval/success", "eval/mean_at_k", "eval/success_before", "eval/success_gain", "train/reward@mean",
+                  "train/weights/effective_n@mean", "train/entropy@end", "train/completions/mean_length@end",
+                  "train/grad_norm@mean"),
     "think": ("train_accuracy", "accuracy", "hand_accuracy", "shuffled_accuracy", "hand_match", "thought_entropy",
               "mutual_information"),
 }
@@ -53,7 +55,7 @@ CONFIGS = {"char": "CharConfig", "countdown": "CountdownConfig", "think": "Think
 MAX_POINTS = 100
 # train/* curves kept in the run files (every eval/* curve is kept): the weight and policy diagnostics.
 CURVES = ("train/reward", "train/success", "train/expected_reward", "train/entropy", "train/grad_norm",
-          "train/response_length", "train/weights/effective_n", "train/weights/entropy", "train/weights/max_weight",
+          "train/completions/mean_length", "train/weights/effective_n", "train/weights/entropy", "train/weights/max_weight",
           "train/weights/zero_std_frac", "train/skipped_updates")
 
 
@@ -164,7 +166,19 @@ def run_single(cfg: SweepConfig, todo: dict[str, list[int]]):
             start = time.time()
             result = main(flags)
             final, curves = history_scores(result["history"])
+            final.update(before_after(result.get("eval_before"), result.get("eval_after")))
             yield _record(arm, seed, flags, final, curves, start, "one run")
+
+
+def before_after(before: Optional[dict], after: Optional[dict]) -> dict[str, float]:
+    """Countdown's per-problem outcomes before and after RL -> eval/<m>_before and eval/<m>_gain
+    (after - before over the same problems), for success and mean@k."""
+    out = {}
+    for m in ("success", "mean_at_k"):
+        if before is not None and after is not None and m in before and m in after:
+            out[f"eval/{m}_before"] = float(np.mean(before[m]))
+            out[f"eval/{m}_gain"] = float(np.mean(after[m]) - np.mean(before[m]))
+    return out
 
 
 def _contiguous(seeds: list[int]) -> list[list[int]]:

@@ -151,8 +151,7 @@ def test_every_study_is_a_valid_sweep_of_valid_command_lines():
 
     for name in STUDIES:
         cfg = parse_flags(sweep_exp.SweepConfig, [f"--preset={name}"], presets=STUDIES)
-        if cfg.testbed != "countdown":  # countdown's flags parse only where its default model exists
-            sweep_exp.validate_arms(cfg)  # exits 2 on a bad flag
+        sweep_exp.validate_arms(cfg)  # exits 2 on a bad flag
 
 
 def test_comparisons_are_paired_differences_from_the_files():
@@ -168,3 +167,25 @@ def test_comparisons_are_paired_differences_from_the_files():
         sw.parse_comparisons("b - z", ["a", "b"])
     with pytest.raises(sw.SweepError, match="invalid"):
         sw.parse_comparisons("b minus c", ["b", "c"])
+
+
+@pytest.mark.slow
+def test_countdown_sweep_smoke_records_before_and_after(tmp_path):
+    sweep_exp.main(["countdown", "--name=s", f"--out={tmp_path}", "--seeds=1",
+                    "--arms=grpo: --scheme=linear; soft: --scheme=softmax --tau=0.5",
+                    f"--common=--preset=smoke --cache_dir={tmp_path}/cache --checkpoint_every=0"])
+    recs = sw.load_runs(str(tmp_path / "countdown" / "s"))
+    assert sorted(r.arm for r in recs) == ["grpo", "soft"]
+    for r in recs:
+        assert {"eval/success", "eval/mean_at_k", "eval/success_before", "eval/success_gain"} <= set(r.final)
+        assert r.final["eval/success_gain"] == pytest.approx(r.final["eval/success"] - r.final["eval/success_before"])
+        assert "eval/success" in r.curves and "train/reward" in r.curves
+
+
+def test_before_after_gain_is_over_the_same_problems():
+    before = {"success": np.array([0.0, 1.0, 0.0, 0.0]), "mean_at_k": np.array([0.25, 0.5, 0.0, 0.0])}
+    after = {"success": np.array([1.0, 1.0, 0.0, 1.0]), "mean_at_k": np.array([0.5, 0.75, 0.25, 0.5])}
+    out = sweep_exp.before_after(before, after)
+    assert out == {"eval/success_before": 0.25, "eval/success_gain": 0.5,
+                   "eval/mean_at_k_before": 0.1875, "eval/mean_at_k_gain": 0.3125}
+    assert sweep_exp.before_after(None, after) == {}
