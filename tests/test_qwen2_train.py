@@ -35,7 +35,8 @@ def _batch():
     return prompts, pmask, responses, rmask
 
 
-@pytest.mark.parametrize("block", [8, 64])
+# block 8 (many attention blocks: the slowest compile of the suite, ~80 s) runs in the slow pass.
+@pytest.mark.parametrize("block", [pytest.param(8, marks=pytest.mark.slow), 64])
 def test_training_forward_gradients_equal_autodiff_of_the_module_forward(block):
     """The blocked attention's custom VJP (own keys + the group-shared prompt prefix, left-padded
     prompts, a right-padded response) against autodiff through Qwen2.__call__ (qwen2._attend) on
