@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Proto
 import jax
 import numpy as np
 
-from rlsoft import eval_stats, roles, rollout, trainer
+from rlsoft import eval_stats, roles, rollout, trainer, weighting
 from rlsoft import mesh as mesh_lib
 from rlsoft.config import check
 from rlsoft.driver import RunConfig
@@ -93,6 +93,8 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
               f"tau_schedule={self.tau_schedule!r} is unknown; allowed: {', '.join(TAU_SCHEDULES)}")
         if self.tau_schedule != "constant" or self.tau_end is not None:
             check(not isinstance(self.tau, str), "tau_end is invalid with tau='auto'")
+            if self.tau_end is not None and self.scheme in weighting.TAU_IS_FRACTION:
+                weighting.validate_tau(self.tau_end, self.scheme)  # the schedule ends there: a fraction too
             make_tau_schedule("linear" if self.tau_schedule == "constant" else self.tau_schedule,
                               float(self.tau), self.tau_end if self.tau_end is not None else float(self.tau),
                               max(self.steps, 1))

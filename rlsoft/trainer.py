@@ -65,8 +65,6 @@ class UpdateConfig:
         weighting.validate_scheme(self.scheme)
         if self.scheme in weighting.NEEDS_TAU or isinstance(self.tau, str):
             weighting.validate_tau(self.tau, self.scheme)
-        if self.scheme in weighting.TAU_IS_FRACTION and getattr(self, "tau_end", None) is not None:
-            weighting.validate_tau(self.tau_end, self.scheme)  # the loop's schedule ends there
         check(self.sft_steps >= 0, f"sft_steps={self.sft_steps} is invalid; need >= 0")
         check(self.sft_learning_rate is None or (self.sft_learning_rate > 0 and math.isfinite(self.sft_learning_rate)),
               f"sft_learning_rate={self.sft_learning_rate} is invalid; need a finite value > 0")
