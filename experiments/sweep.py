@@ -202,9 +202,10 @@ def run_think(cfg: SweepConfig, todo: dict[str, list[int]]):
             start = time.time()
             result = main(flags)
             for p, seed in enumerate(block):
-                member = (lambda k, p=p: k.replace("eval/", "", 1) if "/member" not in k else None) \
-                    if len(block) == 1 else \
-                    (lambda k, p=p: k.replace(f"eval/member{p}/", "", 1) if k.startswith(f"eval/member{p}/") else None)
+                # A population logs member p's eval as eval/member<p>/<m>; a single run as eval/<m>.
+                prefix = f"eval/member{p}/" if len(block) > 1 else "eval/"
+                member = lambda k, prefix=prefix: k[len(prefix):] if k.startswith(prefix) and "/" not in \
+                    k[len(prefix):] else None
                 _, curves = history_scores(result["history"], member, train=len(block) == 1)
                 final = {k: float(v[p]) for k, v in result["final"].items()}
                 program = f"population of {len(block)} seeds" if len(block) > 1 else "one run"

@@ -189,3 +189,23 @@ def test_before_after_gain_is_over_the_same_problems():
     assert out == {"eval/success_before": 0.25, "eval/success_gain": 0.5,
                    "eval/mean_at_k_before": 0.1875, "eval/mean_at_k_gain": 0.3125}
     assert sweep_exp.before_after(None, after) == {}
+
+
+@pytest.mark.slow
+def test_think_sweep_population_equals_separate_runs(tmp_path):
+    args = ["think", f"--out={tmp_path}", "--seeds=2", "--arms=clean: --clean",
+            "--common=--preset=smoke --steps=20 --chunk=10 --eval_every=10"]
+    sweep_exp.main(args + ["--name=pop"])
+    sweep_exp.main(args + ["--name=alone", "--population=false"])
+    pop = {r.seed: r for r in sw.load_runs(str(tmp_path / "think" / "pop"))}
+    alone = {r.seed: r for r in sw.load_runs(str(tmp_path / "think" / "alone"))}
+    assert {r.program for r in pop.values()} == {"population of 2 seeds"}
+    assert {r.program for r in alone.values()} == {"one run"}
+    for s in (0, 1):
+        assert pop[s].final.keys() == alone[s].final.keys()
+        for k in pop[s].final:
+            np.testing.assert_allclose(pop[s].final[k], alone[s].final[k], rtol=1e-5, atol=1e-6)
+        # member s's eval curve in the population is its own run's curve
+        assert [p[0] for p in pop[s].curves["accuracy"]] == [p[0] for p in alone[s].curves["accuracy"]]
+        np.testing.assert_allclose([p[1] for p in pop[s].curves["accuracy"]],
+                                   [p[1] for p in alone[s].curves["accuracy"]], atol=1e-6)
