@@ -1,5 +1,6 @@
 """Smoke runs of the speed benchmarks at toy sizes (the figures themselves are not tested: speed
 targets are reported as ratios by the scripts, never asserted in timed tests)."""
+import json
 import pathlib
 import subprocess
 import sys
@@ -72,6 +73,7 @@ BAD_FLAGS = [
     ("benchmarks.train_step", "--learning_rate=inf"), ("benchmarks.train_step", "--learning_rate=nan"),
     ("benchmarks.train_step", "--learning_rate=-1e-5"), ("benchmarks.train_step", "--seed=-1"),
     ("benchmarks.train_step", "--repeats=0"),
+    ("benchmarks.countdown_population", "--population=1"), ("benchmarks.countdown_population", "--repeats=0"),
 ]
 
 
@@ -90,6 +92,20 @@ def test_benchmark_numeric_flags_exit_2(module, flag, capsys, monkeypatch):
     err = out.err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0] and flag[2:].split("=")[0] in err[0], err
     assert out.out == ""
+
+
+@pytest.mark.slow  # two compiles of the Countdown testbed: ~40 s of CPU
+def test_countdown_population_benchmark_times_the_experiments_step(tmp_path, capsys):
+    from benchmarks import countdown_population
+
+    out = countdown_population.main(["--population=2", "--questions=2", "--repeats=2",
+                                     f"--out={tmp_path / 'pop.json'}"])
+    assert json.loads((tmp_path / "pop.json").read_text()) == json.loads(json.dumps(out))
+    assert out["time_ratio_batch_over_one"] > 0 and out["population_bound"] == pytest.approx(
+        2 / out["time_ratio_batch_over_one"])
+    # Every part was timed on every round of both steps (the wrappers saw the real calls).
+    assert all(v > 0 for parts in out["part_s"].values() for v in parts.values())
+    assert "could at best run" in capsys.readouterr().out
 
 
 @pytest.fixture
