@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from envs import countdown
-from rlsoft import eval_stats, optim, rollout
+from rlsoft import distributed, eval_stats, optim, rollout
 from rlsoft.config import check, parse_flags
 from rlsoft.driver import Driver, RunError, prepare_run
 from rlsoft.mesh import make_mesh
@@ -154,19 +154,21 @@ def build(cfg: CountdownConfig):
         model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed))
         task = CountdownTask(train, test, tok, chat=False, stop_ids=(tok.eos_id,))
     graphdef, params = nnx.split(model)
-    return qwen2_policy(graphdef, model.cfg), params, task
+    return qwen2_policy(graphdef, model.cfg, remat=cfg.remat), params, task
 
 
-def qwen2_policy(graphdef, model_cfg=None) -> PolicyModel:
+def qwen2_policy(graphdef, model_cfg=None, remat: str = "none") -> PolicyModel:
     """The testbed's view of a Qwen2: the segmented-cache sampler's decode functions, the blocked
-    training forward and the group-shared-prompt response logits (benchmarks.train_step times these);
-    with `model_cfg`, the parameters' logical axes (models.qwen2_sharding) that --mesh shards by."""
+    training forward and the group-shared-prompt response logits (benchmarks.train_step times these),
+    each transformer block under jax.checkpoint with the `remat` policy (--remat); with `model_cfg`,
+    the parameters' logical axes (models.qwen2_sharding) that --mesh shards by."""
     from models import qwen2_decode, qwen2_sharding, qwen2_train
 
     axes = {} if model_cfg is None else dict(param_axes=qwen2_sharding.logical_axes,
                                              axis_units=qwen2_sharding.axis_units(model_cfg))
-    return PolicyModel(decode=qwen2_decode.decode_fns(graphdef), forward=qwen2_train.train_forward(graphdef),
-                       response_logits=qwen2_train.response_logits(graphdef), **axes)
+    return PolicyModel(decode=qwen2_decode.decode_fns(graphdef),
+                       forward=qwen2_train.train_forward(graphdef, remat=remat),
+                       response_logits=qwen2_train.response_logits(graphdef, remat=remat), **axes)
 
 
 def stop_ids(tok) -> tuple[int, ...]:
@@ -197,8 +199,10 @@ def load_hf(model_dir: str):
 
 
 def make_driver(cfg: CountdownConfig) -> Driver:
-    """The mesh sizes against the devices and the run directory checked first (nothing built before),
-    then the model, task and driver."""
+    """The multi-process runtime joined first (--distributed; before any JAX call), the mesh sizes
+    against the (global) devices and the run directory checked (nothing built before), then the
+    model, task and driver."""
+    distributed.initialize(cfg.distributed)
     make_mesh(cfg.mesh)
     run_dir = prepare_run(cfg, "countdown")
     policy, params, task = build(cfg)
@@ -241,21 +245,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(2) from None
     before = after = None
     history = []
+    say = print if distributed.is_primary() else (lambda *a, **k: None)  # results once, from process 0
     if driver.step <= cfg.sft_steps:
         # Warm start first; the eval at the switch is the "before RL" figure.
         warm = driver.run(until=cfg.sft_steps).history
         history += warm
         if driver.stopped is None:
             before = _outcomes(driver, fresh=not (warm and "eval/success" in warm[-1]))
-            print(eval_line("before RL:", before), flush=True)
+            say(eval_line("before RL:", before), flush=True)
     if driver.stopped is None:
         history += driver.run().history
     if driver.stopped is None:
         # The driver evaluates at the last step; a resumed run that had nothing left to do has not.
         after = _outcomes(driver, fresh=not (history and "eval/success" in history[-1]))
-        print(eval_line("after RL: ", after))
+        say(eval_line("after RL: ", after))
         if before is not None:
-            print(change_line(after, before))
+            say(change_line(after, before))
     driver.close()
     if driver.stopped is not None:
         print(f"stopped at step {driver.step}; resume with --resume", file=sys.stderr)

@@ -141,70 +141,109 @@ def _embed(module: qwen2.Qwen2, tokens):
     return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
 
 
-def _layers(module: qwen2.Qwen2, tokens, positions, mask, prefix=None, block: int = BLOCK):
+# Per-block rematerialisation (--remat): the policy of jax.checkpoint around each transformer block.
+# "full" saves only each block's input (the backward recomputes the block); "dots" also saves the
+# outputs of matmuls without batch dimensions (the q/k/v/o and MLP projections) and recomputes the
+# rest (attention scores and probabilities, norms, activations).
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_policy(remat: str):
+    if remat not in REMAT:
+        raise ValueError(f"remat={remat!r} is invalid; allowed: {', '.join(REMAT)}")
+    return REMAT[remat]
+
+
+def _block(layer: qwen2.Block, x, cos, sin, key_mask, pre, shape, block: int):
+    """One transformer block: x [B,T,d] -> (x, (k, v) [B,T,H_kv,D]). `key_mask` [Bp,G,1,T] (the keys'
+    padding; causality is added per query block); `shape` = (Bp, G, H, H_kv, D)."""
+    bp, g, heads, kvh, hd = shape
+    b, t, _ = x.shape
+    rep = heads // kvh
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+    kv = (k, v)
+    # Head-major layouts, once per layer: every attention product is then a plain batched matmul.
+    q = q.reshape(bp, g, t, kvh, rep, hd).transpose(0, 1, 3, 4, 2, 5)  # [Bp,G,K,R,T,D]
+    k, v = (z.reshape(bp, g, t, kvh, hd).transpose(0, 1, 3, 2, 4) for z in (k, v))  # [Bp,G,K,T,D]
+    if pre is not None:
+        pk, pv, valid = pre
+        pre = (pk.transpose(0, 2, 1, 3), pv.transpose(0, 2, 1, 3), valid)
+    outs = []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        mask = causal[None, None, s:e, :e] & key_mask[..., :e]
+        outs.append(_block_attention(q[..., s:e, :], k[..., :e, :], v[..., :e, :], mask, pre, hd ** -0.5))
+    o = jnp.concatenate(outs, axis=4).transpose(0, 1, 4, 2, 3, 5)  # [Bp,G,T,K,R,D]
+    x = x + layer.self_attn.o_proj(o.reshape(b, t, heads * hd))
+    return constrain(x + layer.mlp(layer.post_attention_layernorm(x)), ("batch", None, None)), kv
+
+
+def _layers(module: qwen2.Qwen2, tokens, positions, mask, prefix=None, block: int = BLOCK, remat: str = "none"):
     """Hidden states [B,T,d] after the last block (before the final norm), and each layer's (k, v)
     [B,T,H_kv,D].
 
     `prefix`: per-layer (k [Bp,P,H_kv,D], v) plus valid [Bp,P]; row b also attends to prefix b // G
-    (G = B / Bp), every valid prefix slot, before its own causal context.
+    (G = B / Bp), every valid prefix slot, before its own causal context. `remat` (REMAT): each block
+    runs under jax.checkpoint with that policy, its weights passed in as the split layer state.
     """
     cfg = module.cfg
     b, t = tokens.shape
-    kvh, hd = cfg.num_key_value_heads, cfg.head_dim
-    rep = cfg.num_attention_heads // kvh
     bp = b if prefix is None else prefix[2].shape[0]
-    g = b // bp
-    cos, sin = qwen2.rope_tables(positions, hd, cfg.rope_theta)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    key_mask = mask.astype(bool).reshape(bp, g, 1, t)
+    shape = (bp, b // bp, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    cos, sin = qwen2.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    key_mask = mask.astype(bool).reshape(bp, b // bp, 1, t)
+    policy = _remat_policy(remat)
     x = _embed(module, tokens)
     kvs = []
     for i, layer in enumerate(module.layers):
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-        kvs.append((k, v))
-        # Head-major layouts, once per layer: every attention product is then a plain batched matmul.
-        q = q.reshape(bp, g, t, kvh, rep, hd).transpose(0, 1, 3, 4, 2, 5)  # [Bp,G,K,R,T,D]
-        k, v = (z.reshape(bp, g, t, kvh, hd).transpose(0, 1, 3, 2, 4) for z in (k, v))  # [Bp,G,K,T,D]
-        pre = None
-        if prefix is not None:
-            pk, pv, valid = prefix
-            pre = (pk[i].transpose(0, 2, 1, 3), pv[i].transpose(0, 2, 1, 3), valid)
-        outs = []
-        for s in range(0, t, block):
-            e = min(s + block, t)
-            outs.append(_block_attention(q[..., s:e, :], k[..., :e, :], v[..., :e, :],
-                                         causal[None, None, s:e, :e] & key_mask[..., :e], pre, hd ** -0.5))
-        o = jnp.concatenate(outs, axis=4).transpose(0, 1, 4, 2, 3, 5)  # [Bp,G,T,K,R,D]
-        x = x + layer.self_attn.o_proj(o.reshape(b, t, cfg.num_attention_heads * hd))
-        x = constrain(x + layer.mlp(layer.post_attention_layernorm(x)), ("batch", None, None))
+        pre = None if prefix is None else (prefix[0][i], prefix[1][i], prefix[2])
+        if remat == "none":
+            x, kv = _block(layer, x, cos, sin, key_mask, pre, shape, block)
+        else:
+            layer_def, layer_state = nnx.split(layer)
+
+            def run(state, x, cos, sin, key_mask, pre, layer_def=layer_def):
+                return _block(nnx.merge(layer_def, state), x, cos, sin, key_mask, pre, shape, block)
+
+            x, kv = jax.checkpoint(run, policy=policy)(layer_state, x, cos, sin, key_mask, pre)
+        kvs.append(kv)
     return x, kvs
 
 
-def train_forward(graphdef: nnx.GraphDef, block: int = BLOCK):
+def train_forward(graphdef: nnx.GraphDef, block: int = BLOCK, remat: str = "none"):
     """(params, tokens[B,T], positions[B,T], mask[B,T]) -> logits [B,T,V] f32; params = nnx.split state.
 
-    Causal plus padding mask and explicit positions; blocked causal attention (module docstring).
+    Causal plus padding mask and explicit positions; blocked causal attention (module docstring);
+    `remat`: the per-block checkpoint policy (REMAT).
     """
     if block < 1:
         raise ValueError(f"block={block} is invalid; must be >= 1")
+    _remat_policy(remat)
 
     def forward(params, tokens, positions, mask):
         module = nnx.merge(graphdef, params)
-        x, _ = _layers(module, tokens, positions, mask, block=block)
+        x, _ = _layers(module, tokens, positions, mask, block=block, remat=remat)
         return module.head(x)
 
     return forward
 
 
-def response_logits(graphdef: nnx.GraphDef, block: int = BLOCK):
+def response_logits(graphdef: nnx.GraphDef, block: int = BLOCK, remat: str = "none"):
     """(params, prompts[Q,P], prompt_mask[Q,P], responses[Q*G,N], response_mask[Q*G,N]) -> [Q*G,N,V].
 
     Row q*G + j is sample j of prompt q (prompts left-padded, responses right-padded). Entry [b, n]
     is the fp32 logits that predict responses[b, n], equal to those of the concatenated
-    prompt + response sequence through `train_forward` at its position P - 1 + n.
+    prompt + response sequence through `train_forward` at its position P - 1 + n. `remat`: as
+    `train_forward`'s (both the prompt pass and the response pass).
     """
     if block < 1:
         raise ValueError(f"block={block} is invalid; must be >= 1")
+    _remat_policy(remat)
 
     def fn(params, prompts, prompt_mask, responses, response_mask):
         module = nnx.merge(graphdef, params)
@@ -213,7 +252,7 @@ def response_logits(graphdef: nnx.GraphDef, block: int = BLOCK):
             raise ValueError(f"responses rows={b} is invalid; not a multiple of prompts rows={nq}")
         g = b // nq
         prompt_mask, response_mask = prompt_mask.astype(bool), response_mask.astype(bool)
-        x, kvs = _layers(module, prompts, prompt_positions(prompt_mask), prompt_mask, block=block)
+        x, kvs = _layers(module, prompts, prompt_positions(prompt_mask), prompt_mask, block=block, remat=remat)
         first = jnp.repeat(x[:, -1:], g, axis=0)  # [B,1,d]: the state that predicts response token 0
         if n == 1:
             return module.head(first)
@@ -222,7 +261,7 @@ def response_logits(graphdef: nnx.GraphDef, block: int = BLOCK):
         tokens, mask = responses[:, :-1], response_mask[:, :-1]  # the last token predicts nothing
         positions = jnp.maximum(lengths + jnp.cumsum(mask, axis=1) - 1, 0)
         prefix = (tuple(k for k, _ in kvs), tuple(v for _, v in kvs), prompt_mask)
-        x, _ = _layers(module, tokens, positions, mask, prefix=prefix, block=block)
+        x, _ = _layers(module, tokens, positions, mask, prefix=prefix, block=block, remat=remat)
         # One LM head over [B, N, d]: the states are concatenated, not the V-wide logits.
         return module.head(jnp.concatenate([first, x], axis=1))
 

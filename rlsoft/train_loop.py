@@ -21,11 +21,15 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Proto
 import jax
 import numpy as np
 
-from rlsoft import eval_stats, roles, rollout, trainer, weighting
+from rlsoft import distributed, eval_stats, roles, rollout, trainer, weighting
 from rlsoft import mesh as mesh_lib
 from rlsoft.config import check
 from rlsoft.driver import RunConfig
 from rlsoft.schedules import TAU_SCHEDULES, make_tau_schedule
+
+# The training forward's per-block rematerialisation (models/qwen2_train.py REMAT has the policies):
+# none (keep every activation), full (recompute each block in the backward), dots (keep matmul outputs).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 class PolicyModel(NamedTuple):
@@ -72,6 +76,9 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
     eval_k: int = 4  # samples per eval question at temperature 1 (mean@k); 0: greedy only
     samples_to_log: int = 2
     mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig()  # --mesh.data / --mesh.fsdp / --mesh.tensor
+    # --distributed.coordinator / num_processes / process_id: one run over several processes (hosts)
+    distributed: distributed.DistributedConfig = distributed.DistributedConfig()
+    remat: str = "none"  # REMAT_POLICIES; the model builds its forward with it (the core passes no policy)
 
     FLAG_ALIASES: ClassVar[dict[str, str]] = {
         **trainer.UpdateConfig.FLAG_ALIASES,
@@ -89,6 +96,7 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
               f"micro_batches={self.micro_batches} is invalid; it must divide questions_per_step="
               f"{self.questions_per_step}")
         check(self.eval_batch >= 1, f"eval_batch={self.eval_batch} is invalid; need >= 1")
+        check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is invalid; allowed: {', '.join(REMAT_POLICIES)}")
         check(self.tau_schedule in TAU_SCHEDULES,
               f"tau_schedule={self.tau_schedule!r} is unknown; allowed: {', '.join(TAU_SCHEDULES)}")
         if self.tau_schedule != "constant" or self.tau_end is not None:
@@ -152,11 +160,15 @@ class LanguageTestbed:
         self.update, self.sft_update = trainer.make_update(model.forward, cfg, model.response_logits,
                                                            self.state_sharding)
         sampling = dataclasses.replace(cfg.sampling, stop_ids=task.stop_ids, pad_id=task.pad_id)
-        self.sample = rollout.make_sampler(model.decode, sampling, cfg.group_size)
+        # The samplers take the policy params as the update leaves them (sharded, on device); their
+        # rows and decode cache split over the same mesh.
+        policy_sh = self.state_sharding.roles["policy"].params
+        self.sample = rollout.make_sampler(model.decode, sampling, cfg.group_size, params_sharding=policy_sh)
         # One eval call: per question a greedy row, then eval_k rows sampled at temperature 1.
         k = cfg.eval_k
         plain = dataclasses.replace(sampling, temperature=1.0 if k else 0.0, top_k=0, top_p=1.0)
-        self.eval_sample = rollout.make_sampler(model.decode, plain, 1 + k, greedy_rows=1 if k else 0)
+        self.eval_sample = rollout.make_sampler(model.decode, plain, 1 + k, greedy_rows=1 if k else 0,
+                                                params_sharding=policy_sh)
         self.last_eval: Optional[dict[str, np.ndarray]] = None  # the latest eval's per-question outcomes
         self.initial_params = jax.device_put(params, self.shard_params(params))
 
@@ -213,7 +225,8 @@ class LanguageTestbed:
         prompts, pmask = self._prompts(idx, "train")
         start = time.perf_counter()
         out = self.sample(state.params("policy"), *self._shard((prompts, pmask)), jax.random.fold_in(keys["rollout"], t))
-        resp, rmask = np.asarray(out.tokens), np.asarray(out.mask)
+        # Every process gets all rows (gathered across processes), so host rewards agree everywhere.
+        resp, rmask, lengths = distributed.to_host((out.tokens, out.mask, out.lengths))
         sample_s = time.perf_counter() - start
         g = cfg.group_size
         q_idx = np.repeat(idx, g)
@@ -236,8 +249,7 @@ class LanguageTestbed:
             sl_responses=gt, sl_prompts=prompts, sl_prompt_mask=pmask,
             sl_mask=gt_mask if cfg.sl_weight > 0 else np.zeros_like(gt_mask))
         state, metrics = self.update(state, self._shard_rows(batch))
-        metrics = dict(jax.device_get(metrics))
-        lengths = np.asarray(out.lengths)  # the sampled responses only, not injected ground truth
+        metrics = dict(distributed.to_host(metrics))  # lengths: the sampled responses, not injected ground truth
         metrics.update({f"train/{k}": float(np.mean(v)) for k, v in scores.items()})
         metrics["train/reward_std"] = float(np.mean(rewards.std(axis=1)))
         metrics["train/completions/mean_length"] = float(np.mean(lengths))
@@ -260,8 +272,9 @@ class LanguageTestbed:
             if pad:
                 prompts, pmask = np.concatenate([prompts, prompts[:1].repeat(pad, 0)]), np.concatenate(
                     [pmask, pmask[:1].repeat(pad, 0)])
-            out = self.eval_sample(state.params("policy"), prompts, pmask, jax.random.fold_in(keys["eval"], lo))
-            rows = _rows(np.asarray(out.tokens), np.asarray(out.mask))[: len(idx) * g]
+            out = self.eval_sample(state.params("policy"), *self._shard((prompts, pmask)),
+                                   jax.random.fold_in(keys["eval"], lo))
+            rows = _rows(*distributed.to_host((out.tokens, out.mask)))[: len(idx) * g]
             for k, v in self.task.score(np.repeat(idx, g), "eval", rows).items():
                 v = np.asarray(v, np.float64).reshape(len(idx), g)
                 parts.setdefault(k, []).append(v[:, 0])
