@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import qwen2
+from rlsoft import mesh as mesh_lib
+from rlsoft.mesh import constrain
 from rlsoft.rollout import DecodeFns
 
 MASK_VALUE = qwen2.MASK_VALUE  # the same masked value in decode and training
@@ -75,25 +77,31 @@ def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True, chunk: int
         if not shared_prompt:  # row p*G + g is prompt p; each row gets its own copy of the prompt K/V
             tokens, positions, mask = (jnp.repeat(x, group_size, axis=0) for x in (tokens, positions, mask))
         rows = tokens.shape[0]
-        part = math.gcd(rows, prefill_rows)
+        shards = _row_shards(rows)  # devices the rows split over (1 without a mesh)
+        part = math.gcd(rows, prefill_rows * shards)  # prefill_rows rows a device per part
 
         def forward(args):  # one part of the prompts; K [part,K,D,P] and V [part,K,P,D] per layer
+            args = tuple(_rows(x) for x in args)
             logits, (k, v) = module(*args, return_kv=True, last_only=True)  # k [L,part,P,K,D]
             return (logits, tuple(x.transpose(0, 2, 3, 1) for x in k),
                     tuple(x.transpose(0, 2, 1, 3) for x in v))
 
-        split = lambda x: x.reshape(rows // part, part, *x.shape[1:])  # noqa: E731
-        merge = lambda x: x.reshape(rows, *x.shape[2:])  # noqa: E731  (a bitcast: parts are contiguous)
+        if shards == 1:  # parts of consecutive rows; the merge is a bitcast
+            split = lambda x: x.reshape(rows // part, part, *x.shape[1:])  # noqa: E731
+            merge = lambda x: x.reshape(rows, *x.shape[2:])  # noqa: E731
+        else:  # part j takes rows j, j + rows/part, ...: every device's own rows, no gather
+            split = lambda x: x.reshape(part, rows // part, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+            merge = lambda x: x.swapaxes(0, 1).reshape(rows, *x.shape[2:])  # noqa: E731
         parts = jax.lax.map(forward, (split(tokens), split(positions), split(mask)))
         logits, k, v = jax.tree.map(merge, parts)
         cfg = module.cfg
         b, kvh, hd = bp * group_size, cfg.num_key_value_heads, cfg.head_dim
         n_chunks = max(1, math.ceil((max_new - 1) / chunk))  # the last sampled token is never fed back
-        zeros = lambda *shape: jnp.zeros(shape, k[0].dtype)  # noqa: E731
+        zeros = lambda *shape: _kv(jnp.zeros(shape, k[0].dtype))  # noqa: E731
         cache = DecodeCache(
-            prefix_k=k,
-            prefix_v=v,
-            prefix_valid=mask.astype(bool),
+            prefix_k=tuple(map(_kv, k)),
+            prefix_v=tuple(map(_kv, v)),
+            prefix_valid=_rows(mask.astype(bool)),
             k=tuple(tuple(zeros(b, kvh, hd, chunk) for _ in range(n_chunks)) for _ in range(cfg.num_hidden_layers)),
             v=tuple(tuple(zeros(b, kvh, chunk, hd) for _ in range(n_chunks)) for _ in range(cfg.num_hidden_layers)),
             index=jnp.zeros((), jnp.int32))
@@ -110,24 +118,55 @@ def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True, chunk: int
         # Chunks before `segment` are full; in chunk `segment` slots up to and including this one.
         own = jnp.concatenate([jnp.ones((segment * chunk,), bool), jnp.arange(chunk) <= offset])
         cos, sin = qwen2.rope_tables(positions[:, None], hd, cfg.rope_theta)
-        x = module.embed_tokens(tokens[:, None])  # [B,1,d]
+        x = _rows(_embed(module, tokens[:, None]))  # [B,1,d]
         new_k, new_v = [], []
         for i, layer in enumerate(module.layers):
             q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)  # [B,1,H,D], [B,1,K,D]
             ks, vs = list(cache.k[i]), list(cache.v[i])
-            ks[segment] = jax.lax.dynamic_update_slice(ks[segment], k[:, 0, :, :, None].astype(ks[0].dtype),
-                                                       (0, 0, 0, offset))
-            vs[segment] = jax.lax.dynamic_update_slice(vs[segment], v[:, 0, :, None, :].astype(vs[0].dtype),
-                                                       (0, 0, offset, 0))
+            ks[segment] = _kv(jax.lax.dynamic_update_slice(ks[segment], k[:, 0, :, :, None].astype(ks[0].dtype),
+                                                           (0, 0, 0, offset)))
+            vs[segment] = _kv(jax.lax.dynamic_update_slice(vs[segment], v[:, 0, :, None, :].astype(vs[0].dtype),
+                                                           (0, 0, offset, 0)))
             new_k.append(tuple(ks))
             new_v.append(tuple(vs))
             o = _attend(q[:, 0].reshape(b, kvh, heads // kvh, hd), cache.prefix_k[i], cache.prefix_v[i],
                         cache.prefix_valid, ks[:segment + 1], vs[:segment + 1], own, hd ** -0.5)
             x = x + layer.self_attn.o_proj(o.reshape(b, 1, heads * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = _rows(x + layer.mlp(layer.post_attention_layernorm(x)))
         return module.head(x[:, 0]), cache._replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + 1)
 
     return DecodeFns(prefill=prefill, step=step, segment=chunk)
+
+
+# Sharding under a mesh (the sampler traces under the params' mesh; without one these are no-ops):
+# rows over data x fsdp, KV heads over tensor where they divide (else replicated: Qwen2.5-3B's 2 KV
+# heads on tensor=4), so each device holds and reads only its rows' and heads' cache.
+def _kv(x):
+    """A cache array [rows, H_kv, ., .]."""
+    return constrain(x, ("batch", "kv_heads", None, None))
+
+
+def _rows(x):
+    return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def _row_shards(rows: int) -> int:
+    """How many devices `rows` rows split over under the current mesh (rlsoft.mesh.rows_spec)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = mesh_lib.rows_spec(rows, mesh)[0]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def _embed(module: qwen2.Qwen2, tokens):
+    """Token embeddings [B,T,d]; under a mesh the table's fsdp split of d is gathered first (as FSDP
+    gathers a weight where it is used), so the lookup keeps the tokens' row split."""
+    emb = module.embed_tokens
+    if jax.sharding.get_abstract_mesh().empty:
+        return emb(tokens)
+    (table,) = emb.promote_dtype((emb.embedding[...],), dtype=emb.dtype, inexact=False)  # as nnx.Embed
+    return jnp.take(constrain(table, ("vocab", None)), tokens, axis=0)
 
 
 def _attend(q, pk, pv, pvalid, ks, vs, own, scale):

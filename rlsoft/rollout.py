@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlsoft.mesh import constrain
+
 Params = Any
 Cache = Any
 PrefillFn = Callable[..., tuple[jax.Array, Cache]]
@@ -311,7 +313,8 @@ def sample(fns: DecodeFns, config: SamplingConfig, params: Params, prompts: chex
     bp, _ = prompts.shape
     g, n = group_size, config.max_new_tokens
     b = bp * g
-    prompt_mask = prompt_mask.astype(bool)
+    # Under a mesh (make_sampler with shardings) rows split over data x fsdp; elsewhere no-ops.
+    prompts, prompt_mask = (constrain(x, ("batch", None)) for x in (prompts, prompt_mask.astype(bool)))
     positions = prompt_positions(prompt_mask)
 
     logits, cache = fns.prefill(params, prompts, positions, prompt_mask, g, n)
@@ -329,6 +332,8 @@ def sample(fns: DecodeFns, config: SamplingConfig, params: Params, prompts: chex
 
     def emit(carry: _Carry, logits: chex.Array) -> _Carry:
         """Sample token t of every row from `logits` and write it (pad for rows already done)."""
+        # Whole vocabulary rows (a tensor-split LM head gathered): the draw is one device's arithmetic.
+        logits = constrain(logits, ("batch", None))
         tok, lp, slp = sample_token(jax.random.fold_in(key, carry.t), logits, config, greedy)
         live = ~carry.done
         tok = jnp.where(live, tok, config.pad_id)
@@ -351,6 +356,7 @@ def sample(fns: DecodeFns, config: SamplingConfig, params: Params, prompts: chex
         lengths=jnp.zeros((b,), jnp.int32),
         stopped=jnp.zeros((b,), bool),
     )
+    empty = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), empty)
     # Token 0 comes from the prefill; each loop iteration runs one decode step and samples one token,
     # so exactly N - 1 steps run when no row stops (the last sampled token is never fed back).
     carry = emit(_Carry(jnp.zeros((), jnp.int32), cache, jnp.zeros((b,), jnp.int32),
@@ -384,13 +390,35 @@ def _check_group(group_size, greedy_rows) -> None:
         raise ValueError(f"greedy_rows={greedy_rows!r} is invalid; must be an int in 0..group_size={group_size}")
 
 
-def make_sampler(fns: DecodeFns, config: SamplingConfig, group_size: int = 1, greedy_rows: int = 0):
+def make_sampler(fns: DecodeFns, config: SamplingConfig, group_size: int = 1, greedy_rows: int = 0,
+                 params_sharding: Any = None):
     """`sample` jitted once for these static settings: `(params, prompts, prompt_mask, key) -> Rollout`.
     Plain jax.jit over pytrees (the Flax performance guide's nnx.split / plain jit pattern): it
-    recompiles only for new prompt shapes or dtypes. Keep the returned function and reuse it."""
+    recompiles only for new prompt shapes or dtypes. Keep the returned function and reuse it.
+
+    `params_sharding` (NamedShardings on one mesh, e.g. the train state's policy params, as the
+    update's in/out shardings): the params are taken where they are (sharded device arrays, no
+    gather, no host round trip) and every call is traced under that mesh (`jax.set_mesh`), so the
+    rows of prompts, outputs and the model's decode cache split over data x fsdp (rlsoft.mesh.constrain).
+    """
     _check_group(group_size, greedy_rows)
 
     def sampler(params, prompts, prompt_mask, key):
         return sample(fns, config, params, prompts, prompt_mask, key, group_size=group_size, greedy_rows=greedy_rows)
 
-    return jax.jit(sampler)
+    if params_sharding is None:
+        return jax.jit(sampler)
+    mesh = jax.tree.leaves(params_sharding)[0].mesh
+    jitted = jax.jit(sampler, in_shardings=(params_sharding, None, None, None))
+
+    def call(*args):  # the mesh at every call: a trace under another context would compile again
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    call.lower = lambda *args: _lower_under(mesh, jitted, args)
+    return call
+
+
+def _lower_under(mesh, jitted, args):
+    with jax.set_mesh(mesh):
+        return jitted.lower(*args)
