@@ -26,7 +26,7 @@ from rlsoft import distributed, eval_stats, optim, rollout
 from rlsoft.config import check, parse_flags
 from rlsoft.driver import Driver, RunError, prepare_run
 from rlsoft.mesh import make_mesh
-from rlsoft.train_loop import LanguageTestbed, PolicyModel, TrainConfig
+from rlsoft.train_loop import PRECISIONS, LanguageTestbed, PolicyModel, TrainConfig
 
 MARKUP = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -142,15 +142,17 @@ def build(cfg: CountdownConfig):
         train, test = countdown.make_splits(cfg.num_train, seed=cfg.data_seed, num_test=cfg.eval_questions,
                                             sizes=cfg.sizes,
                                             max_number=cfg.max_number, max_target=cfg.max_target)
+    # --precision=bf16: bf16 compute on float32 parameters (master weights; the optimizer state follows them).
+    dtypes = dict(dtype=PRECISIONS[cfg.precision], param_dtype="float32")
     if cfg.model:
-        tok, model, stops = load_hf(cfg.model)
+        tok, model, stops = load_hf(cfg.model, **dtypes)
         task = CountdownTask(train, test, tok, chat=True, stop_ids=stops)
     else:
         from models.spm import SentencePieceTokenizer
 
         corpus = [countdown.tiny_prompt(p) + countdown.sft_completion(p) for p in train]
         tok = SentencePieceTokenizer.train(corpus, cfg.vocab_size, symbols=MARKUP, cache_dir=cfg.cache_dir)
-        mcfg = qwen2.Qwen2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size)
+        mcfg = qwen2.Qwen2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size, **dtypes)
         model = qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed))
         task = CountdownTask(train, test, tok, chat=False, stop_ids=(tok.eos_id,))
     graphdef, params = nnx.split(model)
@@ -178,8 +180,9 @@ def stop_ids(tok) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-def load_hf(model_dir: str):
-    """(tokenizer, model, stop ids) of a Hugging Face Qwen2 directory; ModelError when it does not load."""
+def load_hf(model_dir: str, dtype: str = "float32", param_dtype: str = "float32"):
+    """(tokenizer, model, stop ids) of a Hugging Face Qwen2 directory, computing in `dtype` on parameters
+    in `param_dtype`; ModelError when it does not load."""
     from models import hf
 
     try:
@@ -188,7 +191,7 @@ def load_hf(model_dir: str):
         tok.pad_id  # noqa: B018  (raises when tokenizer_config.json names a pad_token the vocabulary lacks)
         if not stops:
             raise ValueError("its tokenizer has neither <|im_end|> nor an eos_token (tokenizer_config.json)")
-        model = hf.load_model(model_dir)
+        model = hf.load_model(model_dir, dtype=dtype, param_dtype=param_dtype)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"model={model_dir} is invalid; {reason}") from e

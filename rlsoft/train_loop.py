@@ -30,6 +30,10 @@ from rlsoft.schedules import TAU_SCHEDULES, make_tau_schedule
 # The training forward's per-block rematerialisation (models/qwen2_train.py REMAT has the policies):
 # none (keep every activation), full (recompute each block in the backward), dots (keep matmul outputs).
 REMAT_POLICIES = ("none", "full", "dots")
+# --precision -> the model's compute dtype (a name of models/dtypes.py). The parameters (master
+# weights), their gradients and the optimizer state stay float32 either way: with bf16 the forward and
+# backward run on a bf16 copy of each weight, cast where it is used.
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class PolicyModel(NamedTuple):
@@ -79,6 +83,7 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
     # --distributed.coordinator / num_processes / process_id: one run over several processes (hosts)
     distributed: distributed.DistributedConfig = distributed.DistributedConfig()
     remat: str = "none"  # REMAT_POLICIES; the model builds its forward with it (the core passes no policy)
+    precision: str = "fp32"  # PRECISIONS; the model is built with that compute dtype, float32 parameters
 
     FLAG_ALIASES: ClassVar[dict[str, str]] = {
         **trainer.UpdateConfig.FLAG_ALIASES,
@@ -97,6 +102,8 @@ class TrainConfig(trainer.UpdateConfig, RunConfig):
               f"{self.questions_per_step}")
         check(self.eval_batch >= 1, f"eval_batch={self.eval_batch} is invalid; need >= 1")
         check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is invalid; allowed: {', '.join(REMAT_POLICIES)}")
+        check(self.precision in PRECISIONS,
+              f"precision={self.precision!r} is invalid; allowed: {', '.join(PRECISIONS)}")
         check(self.tau_schedule in TAU_SCHEDULES,
               f"tau_schedule={self.tau_schedule!r} is unknown; allowed: {', '.join(TAU_SCHEDULES)}")
         if self.tau_schedule != "constant" or self.tau_end is not None:
