@@ -8,7 +8,9 @@ deleted files, not a flipped byte in a zstd chunk); a step that fails to read is
 warning line, and when none reads a one-line RuntimeError, so a run never silently restarts from
 scratch; a target whose key paths or shapes differ (e.g. --resume with another model size) is a
 one-line ValueError naming them; numpy scalars come back as numpy scalars.
-One writer per directory; readers in other processes pass `read_only=True`.
+One writer per directory; readers in other processes pass `read_only=True`. In a multi-process run
+(rlsoft.distributed) every process calls `save` and `restore` and orbax coordinates them: each
+writes and reads the shards on its own devices, process 0 the JSON and the commit.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rlsoft import distributed
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +213,9 @@ class Checkpointer:
             self._mgr.delete(step)
         elif os.path.isdir(path):  # orbax could not rename its tmp directory onto it
             log.warning("checkpoint: removing partial step %d at %s (no %s)", step, path, COMMIT_MARKER)
-            shutil.rmtree(path)
+            if distributed.is_primary():  # every process saves; one removes, the others wait for it
+                shutil.rmtree(path)
+            distributed.barrier(f"checkpoint-rmtree-{step}")
         crcs = {k: c for k, (_, x) in _flat(state).items() if (c := _crc32(x)) is not None}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state, custom_metadata={"crc32": crcs}),
                                   metadata=ocp.args.JsonSave(metadata))

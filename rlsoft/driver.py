@@ -39,10 +39,12 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 import jax
 import numpy as np
 
+from rlsoft import compile_cache, distributed
 from rlsoft.config import check, config_diff, config_to_dict
 
-# Fields that steer a run rather than define it: they may change on resume without an override.
-RUN_CONTROL = ("logdir", "run_name", "resume", "resume_override", "progress")
+# Fields that steer a run rather than define it: they may change on resume without an override
+# (a run saved by 2 processes may resume in 1: orbax reshards the state onto the new devices).
+RUN_CONTROL = ("logdir", "run_name", "resume", "resume_override", "progress", "distributed", "compile_cache")
 CHECKPOINTS = "checkpoints"
 
 
@@ -59,6 +61,9 @@ class RunConfig:
     resume: bool = False
     resume_override: tuple[str, ...] = ()
     progress: bool = True
+    # JAX's persistent compilation cache (rlsoft.compile_cache): a second run of the same config loads
+    # its compiled programs instead of compiling them; empty: off.
+    compile_cache: str = compile_cache.DEFAULT_DIR
 
     def __post_init__(self):
         for name in ("eval_every", "log_every", "checkpoint_every"):
@@ -147,8 +152,25 @@ def _newest_run(logdir: str) -> Optional[str]:
 def prepare_run(cfg: Any, experiment: str) -> RunDir:
     """Pick and check the run directory of `cfg` (a config with `RunConfig`'s fields). Raises RunError.
 
-    Nothing is built or compiled here: this runs right after flag parsing.
+    Nothing is built or compiled here: this runs right after flag parsing. In a multi-process run
+    process 0 picks and checks the directory (names carry a time stamp, and creating one changes
+    what the others would see) and every process gets its choice, or its error. The persistent
+    compilation cache is switched on (or off) here, before the first compile.
     """
+    try:
+        compile_cache.enable(cfg.compile_cache)
+    except OSError as e:
+        raise RunError(f"compile_cache={cfg.compile_cache} is invalid; {e.strerror or e}") from None
+    if not distributed.is_multiprocess():
+        return _prepare_run(cfg, experiment)
+    path = distributed.on_primary(lambda: _prepare_run(cfg, experiment).path, RunError)
+    run = RunDir(path)
+    if path and cfg.resume:
+        _check_resume(run, cfg)  # reads only: the same answer process 0 had
+    return run
+
+
+def _prepare_run(cfg: Any, experiment: str) -> RunDir:
     if not cfg.logdir:
         return RunDir()
     _writable(cfg.logdir)
@@ -269,7 +291,8 @@ class Driver:
 
     # ---- logging ----------------------------------------------------------------------------
     def _open_logger(self):
-        if self.logger is None and self.run_dir.path:
+        # One writer per run: process 0 (every process holds the same metrics).
+        if self.logger is None and self.run_dir.path and distributed.is_primary():
             from rlsoft.logger import TensorBoardLogger
 
             # purge_step drops events a killed run logged after its last checkpoint.
@@ -300,7 +323,7 @@ class Driver:
         total = self.testbed.total_steps
         end = total if until is None else min(until, total)
         history: list[dict] = []
-        bar = _progress(total, self.step, self.cfg.progress, self.testbed.progress_keys)
+        bar = _progress(total, self.step, self.cfg.progress and distributed.is_primary(), self.testbed.progress_keys)
         # Python delivers signals to the main thread only; elsewhere (a worker thread) keep the defaults.
         main_thread = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
@@ -311,7 +334,7 @@ class Driver:
                         *(_to_boundary(start, e) for e in (self.cfg.eval_every, self.cfg.checkpoint_every) if e))
                 self.state, metrics = self.testbed.train(self.state, start, n, self.keys)
                 self.step = start + n
-                rows = _per_step(jax.device_get(metrics), start, n)
+                rows = _per_step(distributed.to_host(metrics), start, n)
                 if self._due(self.cfg.eval_every, start, self.step) or self.step == total:
                     rows[-1].update(self.evaluate())
                 for row in rows:

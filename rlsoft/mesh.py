@@ -189,12 +189,19 @@ def rows_spec(rows: int, mesh: Mesh) -> PartitionSpec:
 
 
 def shard_rows(tree: Any, mesh: Mesh) -> Any:
-    """Put every array leaf of `tree` on `mesh`: its leading axis by `rows_spec`, scalars replicated."""
+    """Put every array leaf of `tree` on `mesh`: its leading axis by `rows_spec`, scalars replicated.
+
+    On a mesh over several processes (rlsoft.distributed) every process holds the same host data and
+    puts only the shards of its own devices (jax.make_array_from_callback), so no data crosses hosts."""
 
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         spec = rows_spec(x.shape[0], mesh) if x.ndim else PartitionSpec()
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        sharding = NamedSharding(mesh, spec)
+        if sharding.is_fully_addressable or isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
 
