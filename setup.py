@@ -24,6 +24,7 @@ setup(
         # Hugging Face checkpoints and tokenizers (models/hf.py), read without torch.
         "safetensors>=0.4.3",
         "tokenizers>=0.20",
+        "huggingface_hub>=0.23",  # split_state_dict_into_shards_factory: sharded exports (save_model)
         "jinja2>=3.1",
         # Tree search over thought tokens (rlsoft/thought_search.py).
         "mctx>=0.0.5",

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints <-> `models.qwen2.Qwen2`, and the HF tokenizer with its chat template.
 
     model = load_model("/path/Qwen2.5-0.5B-Instruct", dtype="bfloat16")   # config.json + *.safetensors
+    model = load_model(path, mesh=rlsoft.mesh.make_mesh(cfg))  # every parameter born sharded by the rules
     save_model(model, "/tmp/out")       # config.json + model.safetensors that transformers loads
     tok = Tokenizer.from_dir("/path/Qwen2.5-0.5B-Instruct")
     prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])  # ChatML text
@@ -12,6 +13,15 @@ expected shape, cast to `param_dtype` in numpy (bf16 via ml_dtypes) and placed. 
 mis-shaped tensors raise a one-line ValueError naming the tensor. HF Linear weights are [out, in];
 NNX kernels are [in, out], hence the transposes.
 
+On a mesh (`mesh=`) no parameter is ever whole on one device: each is created as a jax.Array with
+its rule's NamedSharding (rlsoft.mesh over models.qwen2_sharding's logical axes, the shardings the
+testbed trains with) by `jax.make_array_from_callback`, which asks for each local device's block;
+the block is read from the file as a slice (`safe_open(...).get_slice`), so host memory holds at most
+one tensor's distinct blocks at a time, and on several hosts each reads only its own devices' blocks.
+`save_model` takes such a model as it is: one tensor at a time gathered to the host (across
+processes with `process_allgather`; process 0 writes), files split at `max_shard_size` as
+transformers does (huggingface_hub's split, model-0000i-of-0000n.safetensors + index).
+
 Only the plain Qwen2 architecture is accepted: silu, default RoPE, no sliding window; anything else in
 config.json raises rather than loading a model that silently computes something different.
 """
@@ -19,18 +29,24 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from typing import Any, Optional
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from models import qwen2_sharding
 from models.qwen2 import Qwen2, Qwen2Config
+from rlsoft import mesh as mesh_lib
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old exports contain
@@ -122,8 +138,10 @@ def _tensor_files(model_dir: str) -> dict:
     return out
 
 
-def load_model(model_dir: str, dtype: str = "float32", param_dtype: Optional[str] = None) -> Qwen2:
-    """Qwen2 from a local HF directory, parameters in `param_dtype` (default: `dtype`)."""
+def load_model(model_dir: str, dtype: str = "float32", param_dtype: Optional[str] = None,
+               mesh: Optional[Mesh] = None) -> Qwen2:
+    """Qwen2 from a local HF directory, parameters in `param_dtype` (default: `dtype`); with `mesh`,
+    each parameter read straight into its sharding (module docstring)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
@@ -136,10 +154,34 @@ def load_model(model_dir: str, dtype: str = "float32", param_dtype: Optional[str
         cfg = config_from_hf(raw, dtype=dtype, param_dtype=param_dtype)
     except KeyError as e:
         raise ValueError(f"{path} lacks {e}") from None
-    return load_weights(model_dir, cfg)
+    return load_weights(model_dir, cfg, mesh)
 
 
-def load_weights(model_dir: str, cfg: Qwen2Config) -> Qwen2:
+def param_sharding(cfg: Qwen2Config, path: tuple, shape: tuple, mesh: Mesh) -> NamedSharding:
+    """The NamedSharding of the parameter at NNX state `path`: rlsoft.mesh's rules over its logical axes
+    (what rlsoft.mesh.param_shardings gives the testbed's params)."""
+    spec = mesh_lib.logical_spec(qwen2_sharding.logical_axes(path), shape, mesh,
+                                 units=qwen2_sharding.axis_units(cfg))
+    return NamedSharding(mesh, spec)
+
+
+def _read_sharded(tensor, shape: tuple, sharding: NamedSharding, transpose: bool, np_dtype) -> jax.Array:
+    """A jax.Array of `shape` (the NNX layout) placed by `sharding`, each addressable block read from the
+    safetensors slice `tensor` on its own (HF layout: transposed kernels); a block that several devices
+    hold (replicated mesh axes) is read once."""
+    blocks: dict = {}
+
+    def block(index):  # index: one slice per NNX dimension
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in blocks:
+            part = tensor[index[::-1] if transpose else index].astype(np_dtype)
+            blocks[key] = np.ascontiguousarray(part.T if transpose else part)
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, block)
+
+
+def load_weights(model_dir: str, cfg: Qwen2Config, mesh: Optional[Mesh] = None) -> Qwen2:
     names, files = _name_map(cfg), _tensor_files(model_dir)
     ignored = {n for n in files if n.endswith(_IGNORED_SUFFIXES)
                or (cfg.tie_word_embeddings and n == "lm_head.weight")}  # tied: HF ignores it too
@@ -167,31 +209,64 @@ def load_weights(model_dir: str, cfg: Qwen2Config) -> Qwen2:
                 got = tuple(f.get_slice(name).get_shape())
                 if got != want:
                     raise ValueError(f"tensor {name} has shape {got}, expected {want}")
-                arr = f.get_tensor(name).astype(np_dtype)  # cast on host: device holds one copy
-                loaded[path] = var.replace(jnp.asarray(arr.T if transpose else arr))
+                if mesh is not None:
+                    value = _read_sharded(f.get_slice(name), tuple(var.shape),
+                                          param_sharding(cfg, path, var.shape, mesh), transpose, np_dtype)
+                else:
+                    arr = f.get_tensor(name).astype(np_dtype)  # cast on host: device holds one copy
+                    value = jnp.asarray(arr.T if transpose else arr)
+                loaded[path] = var.replace(value)
     missing = set(variables) - set(loaded)
     if missing:  # a bug in _name_map, not in the checkpoint
         raise RuntimeError(f"no checkpoint tensor maps to state paths {sorted(missing)}")
     return nnx.merge(graphdef, nnx.from_flat_state(list(loaded.items())))
 
 
-def save_model(model: Qwen2, out_dir: str, dtype: Optional[str] = None) -> None:
-    """Write config.json + model.safetensors (HF layout, `dtype` default the param dtype)."""
+def save_model(model: Qwen2, out_dir: str, dtype: Optional[str] = None, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json and the weights in HF layout (`dtype` default the param dtype): model.safetensors,
+    or past `max_shard_size` bytes (huggingface_hub's default, transformers 4's) numbered files and
+    model.safetensors.index.json. Params may be sharded: each tensor is gathered when its file is
+    written, so the host holds one file's tensors. Every process must call it; process 0 writes."""
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype={dtype} is invalid; expected one of {list(_NP_DTYPES)}")
+    np_dtype = _NP_DTYPES[dtype]
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    tensors = {}
-    for name, (path, transpose) in _name_map(cfg).items():
-        arr = np.asarray(jax.device_get(variables[path].get_value())).astype(_NP_DTYPES[dtype])
-        tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    names = _name_map(cfg)
+    sizes = {name: math.prod(variables[path].shape) * np.dtype(np_dtype).itemsize for name, (path, _) in names.items()}
+    split = huggingface_hub.split_state_dict_into_shards_factory(
+        sizes, get_storage_size=lambda n: n, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+        for old in glob.glob(os.path.join(out_dir, "model*.safetensors*")):  # a previous export's files
+            os.remove(old)
+    for file, file_names in split.filename_to_tensors.items():
+        tensors = {}
+        for name in file_names:
+            path, transpose = names[name]
+            arr = _gather(variables[path].get_value()).astype(np_dtype)
+            tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
+        if writer:
+            save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+    if not writer:
+        return
+    if split.is_sharded:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
     hf = config_to_hf(cfg)
     hf["torch_dtype"] = hf["dtype"] = dtype
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
+
+
+def _gather(x) -> np.ndarray:
+    """The whole of one (possibly sharded) array on this host; across processes, every process's
+    shards (multihost_utils.process_allgather, a collective: every process calls it)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 # --------------------------------------------------------------------------------------------
