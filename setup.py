@@ -32,6 +32,10 @@ setup(
         "rliable>=1.0",
         # rliable needs arch < 8, whose 7.x fails to import under pandas 3 (deprecate_kwarg's signature).
         "pandas<3",
+        # GSM8K / MATH answers checked by math-verify (envs/math_verify_reward.py), each call in a pebble
+        # process pool with a per-call timeout (math-verify's own uses signal.alarm: main thread only).
+        "math-verify>=0.8.0,<0.9",  # 0.8: the parse / verify API read here
+        "pebble>=5.0",
     ],
     extras_require={
         "dev": [
