@@ -15,7 +15,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("jinja2")
 from safetensors import safe_open  # noqa: E402
+from test_countdown_hf import write_tokenizer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +40,7 @@ def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("hf") / "tiny-qwen2")
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=256,
         use_sliding_window=False)
     model = transformers.Qwen2ForCausalLM(config).eval()
@@ -47,6 +49,7 @@ def ckpt(tmp_path_factory):
             if name.endswith(("bias", "norm.weight")):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     model.save_pretrained(path)
+    write_tokenizer(path, vocab_size=300)  # <= 320 tokens; for experiments.countdown's --model
     return path
 
 
@@ -77,7 +80,14 @@ hf.save_model(model, out_single)
 hf.save_model(model, out_split, max_shard_size=100_000)  # ~0.4 MB of float32: 4 or more files
 # The split export read back sharded: the index path of the loader.
 again = flat(nnx.state(hf.load_model(out_split, mesh=mesh)))
-print(json.dumps({"params": report, "reloaded_equal": all(bool(np.array_equal(np.asarray(again[k]), np.asarray(ref[k])))
+# experiments.countdown's build with --model on the mesh of its flags: the params come out so.
+from experiments import countdown
+cfg = countdown.parse_flags(countdown.CountdownConfig, [f"--model={path}", "--preset=qwen", "--num_train=40",
+                            "--eval_questions=4", "--mesh.data=2", "--mesh.fsdp=2", "--mesh.tensor=2"], presets=countdown.PRESETS)
+_, params, _ = countdown.build(cfg)
+built = flat(params)
+print(json.dumps({"built_as_rule": sorted(built) == sorted(want) and all(built[k].sharding == want[k] for k in want),
+                  "params": report, "reloaded_equal": all(bool(np.array_equal(np.asarray(again[k]), np.asarray(ref[k])))
                                                           and again[k].sharding == want[k] for k in ref)}))
 """
 
@@ -98,11 +108,11 @@ def test_checkpoint_loads_sharded_by_the_rules_and_exports_bit_for_bit(ckpt, tmp
     spec = lambda k: params[k + ".value"]["spec"]  # noqa: E731
     shard = lambda k: params[k + ".value"]["shard"]  # noqa: E731
     emb, lm, k_proj = "['embed_tokens']['embedding']", "['lm_head']['kernel']", "['layers'][1]['self_attn']['k_proj']['kernel']"
-    assert spec(emb) == ["tensor", "fsdp"] and shard(emb) == [128, 32]  # [vocab 256, embed 64]
-    assert spec(lm) == ["fsdp", "tensor"] and shard(lm) == [32, 128]
+    assert spec(emb) == ["tensor", "fsdp"] and shard(emb) == [160, 32]  # [vocab 320, embed 64]
+    assert spec(lm) == ["fsdp", "tensor"] and shard(lm) == [32, 160]
     assert spec(k_proj) == ["fsdp", "tensor"] and shard(k_proj) == [32, 16]  # [64, 2 KV heads x 16]
     assert spec("['norm']['weight']") in ([None], []) and shard("['norm']['weight']") == [64]
-    assert out["reloaded_equal"]
+    assert out["reloaded_equal"] and out["built_as_rule"]
 
     # The exports hold the original tensors bit for bit: the single file is byte-identical to
     # transformers' own (same tensors, same metadata), the split one has them over several files.
