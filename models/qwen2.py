@@ -98,7 +98,9 @@ class Qwen2Config(DtypeFields):
 
 _QWEN25 = dict(vocab_size=151936, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                tie_word_embeddings=True, max_position_embeddings=32768)
-# Real Qwen2.5 hyper-parameters (the checkpoints' config.json), plus two CPU-sized presets.
+# Real Qwen2.5 hyper-parameters (the checkpoints' config.json on the Hugging Face hub, Qwen/Qwen2.5-*), plus two
+# CPU-sized presets. 7B has a 152,064-token vocabulary and an untied LM head (0.5B-3B: 151,936, tied);
+# totals: 0.494B, 1.544B, 3.086B, 7.616B parameters (the model cards: 0.49B, 1.54B, 3.09B, 7.61B).
 PRESETS = {
     "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2),
@@ -106,6 +108,8 @@ PRESETS = {
                          num_attention_heads=12, num_key_value_heads=2),
     "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                        num_attention_heads=16, num_key_value_heads=2),
+    "qwen2.5-7b": dict(_QWEN25, vocab_size=152064, tie_word_embeddings=False, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mid": dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
