@@ -140,8 +140,12 @@ def test_smoke_run_through_the_driver(ckpt, tmp_path, capsys):
     (["--task=gsm8k", "--levels=5"], "levels/types are invalid with task=gsm8k"),
     (["--task=chess"], "task='chess' is unknown"),
 ])
-def test_bad_input_exits_2_with_one_line(ckpt, flags, message):
-    model, data = ckpt
+def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):
+    model = tmp_path / "model"  # the config checks only that these files exist; the data fails first
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    data = write_rows(tmp_path / "train.jsonl", GSM8K_ROWS)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "experiments.math", f"--model={model}", f"--data={data}", *flags],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
