@@ -39,9 +39,9 @@ def stop_ids(tok) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-def load_hf(model_dir: str, dtype: str = "float32", param_dtype: str = "float32"):
+def load_hf(model_dir: str, dtype: str = "float32", param_dtype: str = "float32", mesh=None):
     """(tokenizer, model, stop ids) of a Hugging Face Qwen2 directory, computing in `dtype` on parameters
-    in `param_dtype`; ModelError when it does not load."""
+    in `param_dtype` (sharded on `mesh` by the rules when given); ModelError when it does not load."""
     from models import hf
 
     try:
@@ -50,7 +50,7 @@ def load_hf(model_dir: str, dtype: str = "float32", param_dtype: str = "float32"
         tok.pad_id  # noqa: B018  (raises when tokenizer_config.json names a pad_token the vocabulary lacks)
         if not stops:
             raise ValueError("its tokenizer has neither <|im_end|> nor an eos_token (tokenizer_config.json)")
-        model = hf.load_model(model_dir, dtype=dtype, param_dtype=param_dtype)
+        model = hf.load_model(model_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"model={model_dir} is invalid; {reason}") from e

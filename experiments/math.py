@@ -28,7 +28,7 @@ from rlsoft import distributed, optim, rollout
 from rlsoft.config import check, parse_flags
 from rlsoft.driver import Driver, RunError, prepare_run
 from rlsoft.mesh import make_mesh
-from rlsoft.train_loop import LanguageTestbed, TrainConfig
+from rlsoft.train_loop import PRECISIONS, LanguageTestbed, TrainConfig
 
 TASKS = {"gsm8k": gsm8k, "math": hendrycks_math}
 PROG = "python -m experiments.math"
@@ -149,7 +149,10 @@ def make_driver(cfg: MathConfig) -> Driver:
     make_mesh(cfg.mesh)
     train, test = load_splits(cfg)
     run_dir = prepare_run(cfg, f"math_{cfg.task}")
-    tok, model, stops = load_hf(cfg.model)
+    # As experiments.countdown: --precision's compute dtype on float32 parameters, each read straight
+    # into its sharding on the run's mesh.
+    tok, model, stops = load_hf(cfg.model, dtype=PRECISIONS[cfg.precision], param_dtype="float32",
+                                mesh=make_mesh(cfg.mesh))
     checker = AnswerChecker(workers=cfg.verify_workers, timeout_s=cfg.verify_timeout)
     task = MathTask(train, test, tok, stops, checker, TASKS[cfg.task].LAST_NUMBER_FALLBACK)
     graphdef, params = nnx.split(model)
