@@ -216,5 +216,30 @@ def constrain(x: jax.Array, logical: Sequence[Optional[str]], rules=RULES,
     return jax.lax.with_sharding_constraint(x, logical_spec(logical, x.shape, mesh, rules, units))
 
 
+def without_axis(sharding: NamedSharding, axis: str) -> NamedSharding:
+    """`sharding` with mesh axis `axis` dropped from its spec: that split gathered, the others kept."""
+    def drop(axes):
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != axis)
+        return kept[0] if len(kept) == 1 else kept or None
+
+    return sharding.update(spec=PartitionSpec(*map(drop, sharding.spec)))
+
+
+def under_mesh(jitted: Callable, mesh: Mesh) -> Callable:
+    """Calls (and `.lower`) of `jitted` traced under `jax.set_mesh(mesh)`, so `constrain` sees the mesh;
+    every call enters it (a trace in another context would compile again)."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
+
+
 def describe_mesh(mesh: Mesh) -> str:
     return " x ".join(f"{n}={mesh.shape[n]}" for n in mesh.axis_names)
