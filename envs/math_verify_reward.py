@@ -129,6 +129,11 @@ def equivalent(gold: str, answer: str, timeout_s: int = 5) -> bool:
     return bool(g and a and verify(g, a, timeout_seconds=timeout_s))
 
 
+def _warm_up():
+    """A worker's initializer: imports sympy and math-verify and compiles its regexes (one comparison)."""
+    equivalent("\\frac{1}{2}", "0.5")
+
+
 class Rewards(NamedTuple):
     reward: np.ndarray  # [B] float32, 0.1 * format + correct
     format: np.ndarray  # [B] in {0, 0.1, 0.5, 0.6, 1}
@@ -162,7 +167,10 @@ class AnswerChecker:
         if self._pool is None:
             from pebble import ProcessPool
 
-            self._pool = ProcessPool(self.workers, context=multiprocessing.get_context("forkserver"))
+            # The initializer runs before a worker's first task, outside its timeout: without it the first
+            # comparison of each (re)started worker would pay the imports (~1-3 s) and could time out.
+            self._pool = ProcessPool(self.workers, initializer=_warm_up,
+                                     context=multiprocessing.get_context("forkserver"))
             atexit.register(self.close)
         return self._pool
 
