@@ -36,7 +36,8 @@ from rlsoft import mesh as mesh_lib, rollout
 # token is not decided by float rounding.
 mcfg = qwen2.Qwen2Config.preset("tiny", initializer_range=0.1)
 graphdef, params = nnx.split(qwen2.Qwen2(mcfg, rngs=nnx.Rngs(0)))
-fns = qwen2_decode.decode_fns(graphdef, chunk=8)  # 3 segments for 20 new tokens
+# 3 segments for 20 new tokens; the 8 prompts prefilled in 2 parts of 4 rows, one row per device each
+fns = qwen2_decode.decode_fns(graphdef, chunk=8, prefill_rows=1)
 mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(2, 2, 2))
 shardings = mesh_lib.param_shardings(params, mesh, qwen2_sharding.logical_axes, qwen2_sharding.axis_units(mcfg))
 q, p, g = 8, 12, 4
