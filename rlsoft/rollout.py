@@ -396,13 +396,10 @@ def make_sampler(fns: DecodeFns, config: SamplingConfig, group_size: int = 1, gr
     Plain jax.jit over pytrees (the Flax performance guide's nnx.split / plain jit pattern): it
     recompiles only for new prompt shapes or dtypes. Keep the returned function and reuse it.
 
-    `params_sharding` (NamedShardings on one mesh, e.g. the train state's policy params, as the
-    update's in/out shardings): the params are taken where they are (sharded device arrays, no host
-    round trip) and every call is traced under that mesh (`jax.set_mesh`), so the rows of prompts,
-    outputs and the model's decode cache split over data x fsdp (rlsoft.mesh.constrain). Decoding
-    reads every weight at every step, so the call first gathers them over fsdp, once (each device
-    then holds its tensor split of each weight): left to XLA, each decode loop (one per segment)
-    hoisted its own gathered copy, all live together (measured: 8 segments, 9 copies).
+    `params_sharding` (the policy params' NamedShardings in the train state): params are taken where
+    the update leaves them, calls trace under their mesh, so rows of prompts, outputs and the model's
+    decode cache split over data x fsdp (rlsoft.mesh.constrain). The weights' fsdp split is gathered
+    once a call: left to XLA, each decode loop (one per segment) kept its own gathered copy.
     """
     _check_group(group_size, greedy_rows)
 
