@@ -128,6 +128,13 @@ def on_primary(fn: Callable[[], str], error: type[Exception] = ValueError) -> st
     return out[len("ok:"):]
 
 
+def largest(x: int) -> int:
+    """The largest of every process's `x` (one small all-gather; `x` itself in a single process)."""
+    if not is_multiprocess():
+        return x
+    return int(np.max(multihost_utils.process_allgather(np.int32(x))))
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches `name` (nothing in a single-process run)."""
     if is_multiprocess():

@@ -153,8 +153,9 @@ def prepare_run(cfg: Any, experiment: str) -> RunDir:
     """Pick and check the run directory of `cfg` (a config with `RunConfig`'s fields). Raises RunError.
 
     Nothing is built or compiled here: this runs right after flag parsing. In a multi-process run
-    process 0 picks and checks the directory (names carry a time stamp, and creating one changes
-    what the others would see) and every process gets its choice, or its error. The persistent
+    process 0 picks the directory (names carry a time stamp, and creating one changes what the
+    others would see) and every process gets its choice, or its error; a resume's checkpoint is then
+    read by all of them together (orbax's reads are collective across processes). The persistent
     compilation cache is switched on (or off) here, before the first compile.
     """
     try:
@@ -163,14 +164,13 @@ def prepare_run(cfg: Any, experiment: str) -> RunDir:
         raise RunError(f"compile_cache={cfg.compile_cache} is invalid; {e.strerror or e}") from None
     if not distributed.is_multiprocess():
         return _prepare_run(cfg, experiment)
-    path = distributed.on_primary(lambda: _prepare_run(cfg, experiment).path, RunError)
-    run = RunDir(path)
-    if path and cfg.resume:
-        _check_resume(run, cfg)  # reads only: the same answer process 0 had
+    run = RunDir(distributed.on_primary(lambda: _prepare_run(cfg, experiment, read_checkpoint=False).path, RunError))
+    if run.path and cfg.resume:
+        _check_resume(run, cfg)
     return run
 
 
-def _prepare_run(cfg: Any, experiment: str) -> RunDir:
+def _prepare_run(cfg: Any, experiment: str, read_checkpoint: bool = True) -> RunDir:
     if not cfg.logdir:
         return RunDir()
     _writable(cfg.logdir)
@@ -180,7 +180,8 @@ def _prepare_run(cfg: Any, experiment: str) -> RunDir:
             where = f"run_name={cfg.run_name}" if cfg.run_name else f"logdir={cfg.logdir}"
             raise RunError(f"resume is invalid; {where} has no run to resume")
         run = RunDir(os.path.join(cfg.logdir, name))
-        _check_resume(run, cfg)
+        if read_checkpoint:
+            _check_resume(run, cfg)
         _writable(run.path)
         return run
     name = cfg.run_name or default_run_name(cfg, experiment)
@@ -259,6 +260,7 @@ class Driver:
         self.checkpointer = self.logger = None
         self.nonfinite_logged = 0
         self.stopped: Optional[int] = None  # the signal that stopped the run, if one did
+        self.signalled: Optional[int] = None  # a signal this process received (stops at the step's end)
         self.start_step = 0  # where this process started: 0, or the step a resume restored
         if run_dir.path:
             from rlsoft.checkpoint import Checkpointer
@@ -343,6 +345,9 @@ class Driver:
                     bar(row)
                 if self._due(self.cfg.checkpoint_every, start, self.step) or self.step == total:
                     self.save()
+                # A signal that reached any process stops all of them after the same step (the
+                # checkpoint below is a collective write).
+                self.stopped = distributed.largest(self.signalled or 0) or None
             if self.stopped is not None:
                 self.save()
         finally:
@@ -354,9 +359,9 @@ class Driver:
         return RunResult(history, self.stopped)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stopped is not None:  # a second signal: stop now
+        if self.signalled is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.stopped = signum
+        self.signalled = signum
         print(f"\nsignal {signal.Signals(signum).name}: stopping after this step and writing a checkpoint",
               file=sys.stderr, flush=True)
 
