@@ -14,10 +14,13 @@ multi-process environments" guide):
   * arrays come back to the host with `to_host`: a global array sharded over processes is gathered
     (multihost_utils.process_allgather), so each process sees the whole array;
   * orbax checkpoints are written and read by every process, coordinated through the same runtime;
-    logs, TensorBoard and printed results come from process 0 only (`is_primary`).
+    logs, TensorBoard and printed results come from process 0 only (`is_primary`);
+  * a signal to any process stops them all after the same step, with a checkpoint (rlsoft.driver
+    agrees on it with `largest` after every step).
 
-With `auto`, JAX fills whatever is not given: the coordinator from $JAX_COORDINATOR_ADDRESS, and the
-process count and id from a cluster it detects (Slurm, Open MPI, Kubernetes, Cloud TPU);
+JAX reads the coordinator from $JAX_COORDINATOR_ADDRESS when --distributed.coordinator is not given.
+With `auto` it fills whatever else is not given from a cluster it detects (Slurm, Open MPI,
+Kubernetes, Cloud TPU);
 $JAX_LOCAL_DEVICE_IDS restricts the devices a process uses (several processes on one host).
 Multi-process collectives on CPU run over gloo (jax_cpu_collectives_implementation).
 """
