@@ -217,19 +217,13 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
     prompts = (batch.prompts[::g], batch.prompt_mask[::g]) if grouped else (batch.prompts, batch.prompt_mask)
     seq = prompts + (batch.responses, batch.response_mask)
     log_probs = functools.partial(response_log_probs, logits_fn)
-
-    def frozen_log_probs(params):
-        """[B,N] log-probs without gradient, one micro-batch at a time (lax.map): the forward holds one
-        micro-batch's V-wide logits, as the loss does, not the whole batch's."""
-        per = jax.lax.map(lambda x: log_probs(params, *x)[0], jax.tree.map(lambda x: _micro(x, m), seq))
-        return jax.lax.stop_gradient(per.reshape((-1,) + per.shape[2:]))
-
     # None (an empty pytree) where a term does not need them: nothing extra goes through the scan.
     policy_params = state.params("policy")
     needs_logp = cfg.scheme in weighting.NEEDS_LOGP
-    rollout_logp = frozen_log_probs(policy_params) if cfg.ppo_epochs > 1 or needs_logp else None
+    rollout_logp = (jax.lax.stop_gradient(log_probs(policy_params, *seq)[0])
+                    if cfg.ppo_epochs > 1 or needs_logp else None)
     old_logp = rollout_logp if cfg.ppo_epochs > 1 else None
-    ref_logp = frozen_log_probs(state.params("reference")) if cfg.kl_coef > 0 else None
+    ref_logp = jax.lax.stop_gradient(log_probs(state.params("reference"), *seq)[0]) if cfg.kl_coef > 0 else None
     if needs_logp:
         seq_logp = group_sequence_log_probs(rollout_logp, batch.response_mask, q)
         seq_ref = None if ref_logp is None else group_sequence_log_probs(ref_logp, batch.response_mask, q)
