@@ -18,6 +18,8 @@ the speed ratio old / new: >= 0.95 means within 5% of the old speed, or faster).
               testbed's `LanguageTestbed.update` (experiments.countdown.qwen2_policy). Old:
               trainer.make_update(train_forward, cfg, response_logits), as its benchmark built it.
               Both on the batch the new testbed's first RL step builds.
+  train_step_testbed  the same update, the old side built as the new one is (its own LanguageTestbed):
+              for old commits after the driver refactor, whose trainer API is the testbed's.
   rollout     the tiny sampler: 64 prompts of 113..128 tokens, 256 new tokens, segmented decode cache
               (chunk 64), G = 1; the same transformers-initialised weights, the same keys.
   char        the char testbed's compiled step: exhaustive_loop.make_train_chunk over
@@ -65,7 +67,7 @@ def build_old_copy(worktree: str, dest: str) -> None:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.versus_old")
-    p.add_argument("--bench", required=True, choices=("train_step", "rollout", "char", "bandit"))
+    p.add_argument("--bench", required=True, choices=("train_step", "train_step_testbed", "rollout", "char", "bandit"))
     p.add_argument("--old_worktree", default="")
     p.add_argument("--old_copy", default="/tmp/oldv")
     p.add_argument("--rebuild", action="store_true", help="rebuild old_copy from old_worktree")
@@ -156,6 +158,45 @@ def bench_train_step(args):
     workload = dict(preset="tiny", questions=cfg.questions, group_size=cfg.group_size, prompt_len=cfg.prompt_len,
                     new_tokens=cfg.new_tokens, micro_batches=cfg.micro_batches,
                     batch_shapes={k: list(np.shape(v)) for k, v in batch._asdict().items()})
+    return old_run, new_run, check, workload
+
+
+def bench_train_step_testbed(args):
+    """train_step's update with the old side built the way the new one is (its own LanguageTestbed,
+    qwen2_policy and benchmarks.train_step workload): for old commits after the driver refactor."""
+    from flax import nnx
+
+    from benchmarks import train_step as nb
+    from experiments.countdown import qwen2_policy
+    from models import qwen2
+    from rlsoft.train_loop import LanguageTestbed
+    from oldv.benchmarks import train_step as ob
+    from oldv.experiments.countdown import qwen2_policy as o_qwen2_policy
+    from oldv.models import qwen2 as oqwen2
+    from oldv.rlsoft.train_loop import LanguageTestbed as OLanguageTestbed
+
+    def build(nb, qwen2, policy, Testbed):
+        cfg = nb.BenchConfig(config="tiny", torch=False, rl_step=False, variants=False)
+        mcfg = qwen2.Qwen2Config.preset("tiny")
+        graphdef, params = nnx.split(qwen2.Qwen2(mcfg, rngs=nnx.Rngs(cfg.seed)))
+        testbed = Testbed(nb.train_config(cfg, cfg.micro_batches), policy(graphdef), params,
+                          nb.RandomTask(cfg, mcfg.vocab_size, cfg.seed))
+        keys = {s: jax.random.fold_in(jax.random.key(cfg.seed), i) for i, s in enumerate(testbed.streams)}
+        batch = nb.first_rl_batch(testbed, keys)
+        return _stepper(testbed.update, testbed.init_state(), jax.device_put(batch)), params, batch, cfg
+
+    (new_run, new_box), params, batch, cfg = build(nb, qwen2, qwen2_policy, LanguageTestbed)
+    (old_run, old_box), oparams, obatch, _ = build(ob, oqwen2, o_qwen2_policy, OLanguageTestbed)
+    check = {"init_params_max_abs_diff": _max_abs(oparams, params), "batch_max_abs_diff": _max_abs(
+        tuple(obatch), tuple(batch))}
+    o1, n1 = old_run(), new_run()
+    check.update({
+        "loss": {"old": float(o1["train/loss"]), "new": float(n1["train/loss"])},
+        "grad_norm": {"old": float(o1["train/grad_norm"]), "new": float(n1["train/grad_norm"])},
+        "params_after_first_update_rel_diff": _rel(new_box[0].params("policy"), old_box[0].params("policy")),
+    })
+    workload = dict(preset="tiny", questions=cfg.questions, group_size=cfg.group_size, prompt_len=cfg.prompt_len,
+                    new_tokens=cfg.new_tokens, micro_batches=cfg.micro_batches)
     return old_run, new_run, check, workload
 
 
