@@ -29,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.timing import first_calls, interleaved, paired
+from benchmarks.timing import first_calls, interleaved, paired, write_json
 from benchmarks.train_step import matmul_flops, update_forward_flops
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
@@ -134,10 +134,7 @@ def main(argv=None) -> dict:
     print(f"time(P x Q) / time(Q) = {ratio:.2f} for P = {cfg.population}: a population of {cfg.population} "
           f"seeds could at best run {out['population_bound']:.2f}x faster than {cfg.population} runs in turn "
           f"(load average {out['load_average']:.1f})")
-    if cfg.out:
-        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-        with open(cfg.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(out, cfg.out)
     return out
 
 

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from benchmarks.timing import write_json
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 
@@ -88,10 +89,7 @@ def main(argv=None) -> dict:
                              warm_compiles=r["warm"]["misses"]) for i, r in enumerate(runs)]))
     print(f"cold / warm = {out['ratio_cold_over_warm']:.2f} (target >= {TARGET_RATIO:g}; load average "
           f"{out['load_average']:.1f})")
-    if cfg.out:
-        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-        with open(cfg.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(out, cfg.out)
     return out
 
 

@@ -40,3 +40,14 @@ def interleaved(runs: dict[str, Callable[[], Any]], repeats: int,
 def paired(times: dict[str, list[float]], a: str, b: str) -> float:
     """Median over rounds of time(b) / time(a): the calls of one round ran under similar load."""
     return float(np.median(np.asarray(times[b]) / np.asarray(times[a])))
+
+
+def write_json(figures: dict, path: str) -> None:
+    """The figures as indented JSON at `path` (its folder created), when a path is given."""
+    import json
+    import os
+
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)
