@@ -220,10 +220,14 @@ def advice(cfg: PlanConfig, p: dict) -> list[str]:
     tips, hand, usable = [], p["hand"], p["usable"]
     if p["update_peak"] > usable:
         act = p["activations"]
+        if cfg.kl_coef > 0:
+            tips.append(f"--kl_coef=0: no reference ({hand['reference'] / GB:.1f} GB of weights; XLA's temp may "
+                        f"change either way, plan it again)")
         for m in (2 * cfg.micro_batches, 4 * cfg.micro_batches):
             if cfg.questions % m == 0:
                 est = p["update_peak"] - act * (1 - cfg.micro_batches / m)
-                tips.append(f"--micro_batches={m}: update peak ~{est / GB:.1f} GB (activations / {m // cfg.micro_batches})")
+                tips.append(f"--micro_batches={m}: at best ~{est / GB:.1f} GB (if all the activations were the "
+                            f"loss's, which shrink with the micro-batch)")
                 break
         if cfg.remat != "full":
             tips.append(f"--remat={'dots' if cfg.remat == 'none' else 'full'}: keeps less of each block for the backward")

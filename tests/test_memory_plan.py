@@ -77,20 +77,17 @@ def test_qwen25_3b_fits_on_8_x_80gb_with_fsdp_8_and_its_parameter_bytes_are_the_
 
 
 @pytest.mark.slow
-def test_qwen25_7b_fits_with_fsdp_and_remat_and_not_without_remat(tmp_path):
-    flags = ("--model=qwen2.5-7b", "--devices=8", "--device_memory=80GB", "--episodes=256",
-             "--max_new_tokens=1024", "--mesh.fsdp=8", "--compile_layers=1")
-    code, plan, text = _plan(tmp_path, *flags, "--remat=full")
-    print(text)
-    assert code == 0 and plan["fits"]
-    matrices, replicated = _qwen_param_count(152064, 3584, 18944, 28, 28, 4, tied=False)
-    assert plan["hand"]["parameters"] == 4 * (matrices // 8 + replicated)
-    full_activations = plan["activations"]
-    code, plan, text = _plan(tmp_path, *flags, "--remat=none")
+def test_qwen25_7b_with_a_kl_reference_and_remat_is_reported_not_to_fit_on_8_x_80gb(tmp_path):
+    # Measured (XLA:CPU's plan): update temp 63.9 GB, peak 79.2 GB of 72 usable.
+    code, plan, text = _plan(tmp_path, "--model=qwen2.5-7b", "--devices=8", "--device_memory=80GB",
+                             "--episodes=256", "--max_new_tokens=1024", "--mesh.fsdp=8", "--remat=full",
+                             "--kl_coef=0.04")
     print(text)
     assert code == 1 and not plan["fits"] and plan["peak"] > plan["usable"]
-    assert plan["activations"] > 2 * full_activations
-    assert "DOES NOT FIT" in text and any("--micro_batches=16" in tip for tip in plan["advice"])
+    assert "DOES NOT FIT" in text and plan["advice"][0].startswith("--kl_coef=0")
+    matrices, replicated = _qwen_param_count(152064, 3584, 18944, 28, 28, 4, tied=False)
+    assert matrices + replicated == 7_615_616_512  # the model card's 7.61B
+    assert plan["hand"]["parameters"] == plan["hand"]["reference"] == 4 * (matrices // 8 + replicated)
 
 
 @pytest.mark.slow
