@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from rlsoft import losses, optim, roles, weighting
+from rlsoft import mesh as mesh_lib
 from rlsoft.config import check
 from rlsoft.roles import TrainState
 from rlsoft.rollout import prompt_positions
@@ -318,20 +319,5 @@ def make_update(forward: ForwardFn, cfg: UpdateConfig, response_logits: Optional
     rl = jax.jit(rl, donate_argnums=0, in_shardings=(state_sharding, None), out_shardings=out)
     sft = jax.jit(sft, donate_argnums=0, in_shardings=(state_sharding,) + (None,) * 4, out_shardings=out)
     mesh = jax.tree.leaves(state_sharding)[0].mesh
-    return _under_mesh(rl, mesh), _under_mesh(sft, mesh)
+    return mesh_lib.under_mesh(rl, mesh), mesh_lib.under_mesh(sft, mesh)
 
-
-def _under_mesh(jitted, mesh):
-    """Calls (and `.lower`) of `jitted` traced under `jax.set_mesh(mesh)`: the models' activation
-    constraints (rlsoft.mesh.constrain) see the mesh; every call enters it, so the cache hits."""
-
-    def call(*args):
-        with jax.set_mesh(mesh):
-            return jitted(*args)
-
-    def lower(*args):
-        with jax.set_mesh(mesh):
-            return jitted.lower(*args)
-
-    call.lower = lower
-    return call
