@@ -122,8 +122,9 @@ STUDIES = {
         metrics=("eval/cross_entropy", "eval/top1", "train/expected_reward@end", "train/weights/effective_n@end"),
         title="Char GPT by RL from random weights: GRPO whitening vs softmax(R/tau), 500 steps"),
     "countdown_tau": dict(
+        # softmax_centered0.5: the same weights minus their mean (zero-sum), the drift diagnostic.
         testbed="countdown", name="tau", seeds=5, common="--checkpoint_every=0", arms=tau_arms() + "; auto: "
-        "--scheme=softmax --tau=auto",
+        "--scheme=softmax --tau=auto; softmax_centered0.5: --scheme=softmax_centered --tau=0.5",
         title="Countdown (tiny Qwen2, CPU default): GRPO whitening vs softmax(R/tau) and tau = auto"),
     "countdown_anneal": dict(
         testbed="countdown", name="anneal", seeds=5, common="--checkpoint_every=0",
