@@ -17,7 +17,6 @@ timeouts, and the first disagreements.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ import numpy as np
 from envs import gsm8k, hendrycks_math
 from envs.math_data import read_records
 from envs.math_verify_reward import AnswerChecker, extract_answer, normalize
+from benchmarks.timing import write_json
 from rlsoft.config import check, parse_flags
 
 TASKS = {"gsm8k": gsm8k, "math": hendrycks_math}
@@ -92,9 +92,7 @@ def main(argv=None) -> dict:
                 print(f"    gold {e['gold']!r}  answer {e['answer']!r}  string {e['string']}  math-verify {e['verify']}")
     finally:
         checker.close()
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(report, cfg.out)
     return report
 
 

@@ -62,7 +62,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.timing import first_calls, interleaved
+from benchmarks.timing import first_calls, interleaved, write_json
 from experiments import think as think_exp
 from rlsoft.config import check, check_finite, parse_flags
 from rlsoft.driver import stream_keys
@@ -278,9 +278,7 @@ def main(argv=None) -> dict:
                  frac_matmul_square=gflops[name] * 1e9 / matmul["square"],
                  frac_matmul_model=gflops[name] * 1e9 / matmul["model"]) for name in runs]
     print(format_table(rows))
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(figures, f, indent=1)
+    write_json(figures, cfg.out)
     return figures
 
 
