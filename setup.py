@@ -49,5 +49,12 @@ setup(
             "torch==2.13.0",
             "transformers>=4.45",
         ],
+        # The peers benchmarks/peers.py measures against (tunix's sampler, TRL's GRPOTrainer) and
+        # tests/test_peers_parity.py. Never needed by the tests or the main job: they pin
+        # transformers below dev's, so install them in a venv of their own (README, "Against the peers").
+        "peers": [
+            "google-tunix==0.1.7",
+            "trl==1.16.0",
+        ],
     },
 )
