@@ -11,11 +11,19 @@ the backend and the jax/jaxlib versions, and load them in a later process (jax's
 `jax_compilation_cache_dir`; the cache is safe to share between runs and to delete). By default JAX
 stores only programs that took >= 1 s to compile; here every program is stored, since a start-up is
 many sub-second compiles.
+
+`compile_ahead(lowered)` compiles a run's programs at once, one thread each: XLA's compiler releases
+Python's GIL, so a start-up that compiles the warm-start update, the RL update and two samplers
+one after another (as their first calls would) pays for the longest rather than the sum where
+cores are free. JAX keeps each executable in its in-memory cache (and in the persistent one), so
+the later calls with the same argument types find it and compile nothing.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
-from typing import Optional
+import time
+from typing import Any, Optional, Sequence
 
 import jax
 
@@ -60,3 +68,22 @@ class CompileCounter:
     def stop(self) -> "CompileCounter":
         self._on = False
         return self
+
+
+def compile_ahead(lowered: Sequence[Any], max_workers: Optional[int] = None) -> list[float]:
+    """Compile `lowered` (jax.stages.Lowered, e.g. `jitted.lower(*args)`) concurrently, one thread
+    per program up to `max_workers` (default: the CPU count). Returns each program's wall seconds.
+    The compiled programs are the ones the jitted functions' calls with the same arguments use."""
+
+    def compile_one(low) -> float:
+        start = time.perf_counter()
+        low.compile()
+        return time.perf_counter() - start
+
+    if not lowered:
+        return []
+    workers = max(1, min(len(lowered), max_workers or os.cpu_count() or 1))
+    if workers == 1:
+        return [compile_one(low) for low in lowered]
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+        return list(pool.map(compile_one, lowered))

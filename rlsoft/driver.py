@@ -44,7 +44,8 @@ from rlsoft.config import check, config_diff, config_to_dict
 
 # Fields that steer a run rather than define it: they may change on resume without an override
 # (a run saved by 2 processes may resume in 1: orbax reshards the state onto the new devices).
-RUN_CONTROL = ("logdir", "run_name", "resume", "resume_override", "progress", "distributed", "compile_cache")
+RUN_CONTROL = ("logdir", "run_name", "resume", "resume_override", "progress", "distributed", "compile_cache",
+               "compile_ahead")
 CHECKPOINTS = "checkpoints"
 
 
@@ -64,6 +65,9 @@ class RunConfig:
     # JAX's persistent compilation cache (rlsoft.compile_cache): a second run of the same config loads
     # its compiled programs instead of compiling them; empty: off.
     compile_cache: str = compile_cache.DEFAULT_DIR
+    # Compile the testbed's programs (`Testbed.lower`) concurrently before the first step, rather
+    # than one by one at their first calls (rlsoft.compile_cache.compile_ahead).
+    compile_ahead: bool = True
 
     def __post_init__(self):
         for name in ("eval_every", "log_every", "checkpoint_every"):
@@ -96,6 +100,12 @@ class Testbed(Protocol):
 
     def data_position(self, step: int) -> int:
         """How many training examples steps 0 .. step-1 consumed."""
+
+    def lower(self, state: Any, step: int, num_steps: int, keys: Mapping[str, jax.Array]) -> Sequence[Any]:
+        """The programs a run from `step` calls (its first `train` call takes `num_steps` steps),
+        lowered (`jitted.lower(...)`) on the arguments those calls will pass. The driver compiles
+        them concurrently before the first step (`--compile_ahead`). Optional: a testbed without
+        it compiles each program at its first call."""
 
 
 @dataclasses.dataclass
@@ -262,6 +272,7 @@ class Driver:
         self.stopped: Optional[int] = None  # the signal that stopped the run, if one did
         self.signalled: Optional[int] = None  # a signal this process received (stops at the step's end)
         self.start_step = 0  # where this process started: 0, or the step a resume restored
+        self.compile_seconds: Optional[list[float]] = None  # each program compiled ahead (`Testbed.lower`)
         if run_dir.path:
             from rlsoft.checkpoint import Checkpointer
 
@@ -320,6 +331,19 @@ class Driver:
     def _due(self, every: int, start: int, end: int) -> bool:
         return bool(every) and (end // every) > (start // every)
 
+    def _call_length(self, start: int, end: int) -> int:
+        """Steps the `train` call at `start` takes: at most the testbed's, and none past `end`, the
+        next eval or the next checkpoint."""
+        return min(self.testbed.steps_per_call(), end - start,
+                   *(_to_boundary(start, e) for e in (self.cfg.eval_every, self.cfg.checkpoint_every) if e))
+
+    def _compile_ahead(self, end: int) -> None:
+        lower = getattr(self.testbed, "lower", None)
+        if self.compile_seconds is not None or lower is None or not self.cfg.compile_ahead or self.step >= end:
+            return
+        lowered = lower(self.state, self.step, self._call_length(self.step, end), self.keys)
+        self.compile_seconds = compile_cache.compile_ahead(lowered)
+
     def run(self, until: Optional[int] = None) -> RunResult:
         """Train to step `until` (default: the testbed's total); returns each step's metrics."""
         total = self.testbed.total_steps
@@ -330,10 +354,10 @@ class Driver:
         main_thread = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
         try:
+            self._compile_ahead(end)
             while self.step < end and self.stopped is None:
                 start = self.step
-                n = min(self.testbed.steps_per_call(), end - start,
-                        *(_to_boundary(start, e) for e in (self.cfg.eval_every, self.cfg.checkpoint_every) if e))
+                n = self._call_length(start, end)
                 self.state, metrics = self.testbed.train(self.state, start, n, self.keys)
                 self.step = start + n
                 rows = _per_step(distributed.to_host(metrics), start, n)

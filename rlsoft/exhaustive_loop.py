@@ -234,10 +234,30 @@ class NextTokenTestbed:
     def data_position(self, step: int) -> int:
         return step * self.cfg.batch_size
 
-    def train(self, state: TrainState, step: int, num_steps: int, keys) -> tuple[TrainState, dict]:
+    def _chunk(self, num_steps: int) -> Callable:
         if num_steps not in self._chunks:
             self._chunks[num_steps] = make_train_chunk(self.fns, self.cfg, self.monitor_cfg, num_steps)
-        state, metrics = self._chunks[num_steps](state, keys["data"], keys["explore"])
+        return self._chunks[num_steps]
+
+    def lower(self, state: TrainState, step: int, num_steps: int, keys) -> list:
+        """The first train call's scan and the evaluator, lowered (the driver compiles them at once)."""
+        out = [self._chunk(num_steps).lower(state, keys["data"], keys["explore"])]
+        for contexts, targets in self.eval_windows(self.cfg.eval_batch):
+            out.append(self._evaluator.lower(state.params("policy"), *self._eval_batch(contexts, targets)))
+            break
+        return out
+
+    def _eval_batch(self, contexts, targets):
+        """One eval batch padded to `eval_batch` rows (one compiled shape); padded rows masked out."""
+        b, n = self.cfg.eval_batch, len(targets)
+        valid = np.arange(b) < n
+        if n < b:
+            contexts = np.concatenate([contexts, contexts[:1].repeat(b - n, 0)])
+            targets = np.concatenate([targets, targets[:1].repeat(b - n, 0)])
+        return contexts, targets, valid
+
+    def train(self, state: TrainState, step: int, num_steps: int, keys) -> tuple[TrainState, dict]:
+        state, metrics = self._chunk(num_steps)(state, keys["data"], keys["explore"])
         health = monitors.report(state.extra)
         for w in monitors.warnings(health, self.monitor_cfg):
             print(f"warning: step {step + num_steps}: {w}", flush=True)
@@ -247,15 +267,9 @@ class NextTokenTestbed:
 
     def evaluate(self, state: TrainState, keys=None, limit: Optional[int] = None) -> dict[str, float]:
         """Cross-entropy (nats/char), perplexity = exp(cross-entropy), and top-1 accuracy."""
-        b = self.cfg.eval_batch
         nll = correct = count = 0.0
         for contexts, targets in self.eval_windows(self.cfg.eval_chars if limit is None else limit):
-            n = len(targets)
-            valid = np.arange(b) < n
-            if n < b:  # pad to one compiled shape; padded rows are masked out
-                contexts = np.concatenate([contexts, contexts[:1].repeat(b - n, 0)])
-                targets = np.concatenate([targets, targets[:1].repeat(b - n, 0)])
-            s, c = self._evaluator(state.params("policy"), contexts, targets, valid)
-            nll, correct, count = nll + float(s), correct + float(c), count + n
+            s, c = self._evaluator(state.params("policy"), *self._eval_batch(contexts, targets))
+            nll, correct, count = nll + float(s), correct + float(c), count + len(targets)
         ce = nll / max(count, 1)
         return {"eval/cross_entropy": ce, "eval/perplexity": math.exp(min(ce, 700.0)), "eval/top1": correct / max(count, 1)}

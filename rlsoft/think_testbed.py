@@ -87,11 +87,22 @@ class ThinkTestbed:
     def data_position(self, step: int) -> int:
         return step * self.cfg.batch_size
 
-    def train(self, state, step: int, num_steps: int, keys: Mapping[str, jax.Array]):
-        # The driver's `keys` are the streams of `seed`, member 0's own; every member uses its own.
+    def _chunk(self, num_steps: int) -> Callable:
         if num_steps not in self._chunks:
             self._chunks[num_steps] = tl.make_train_chunk(self.fns, self.cfg, num_steps)
-        state, metrics = self._chunks[num_steps](state, self.member_keys["data"], self.member_keys["explore"])
+        return self._chunks[num_steps]
+
+    def lower(self, state, step: int, num_steps: int, keys=None) -> list:
+        """The first train call's scan and the evaluator, lowered (the driver compiles them at once)."""
+        out = [self._chunk(num_steps).lower(state, self.member_keys["data"], self.member_keys["explore"])]
+        for data in (self.test_set, self.train_set):
+            if data is not None:
+                out.append(self._evaluator.lower(state, *data, self.member_keys["eval"]))
+        return out
+
+    def train(self, state, step: int, num_steps: int, keys: Mapping[str, jax.Array]):
+        # The driver's `keys` are the streams of `seed`, member 0's own; every member uses its own.
+        state, metrics = self._chunk(num_steps)(state, self.member_keys["data"], self.member_keys["explore"])
         return state, {k: jnp.mean(v, axis=0) for k, v in metrics.items()}  # [P, n] -> [n]
 
     def evaluate_members(self, state) -> dict[str, np.ndarray]:

@@ -143,6 +143,11 @@ def _pad_responses(seqs: Sequence[Sequence[int]], n: int, pad_id: int):
     return tokens, mask
 
 
+def _append_to_groups(rows: np.ndarray, extra: np.ndarray, g: int) -> np.ndarray:
+    """[Q*G, n] rows and one [Q, n] row per question -> [Q*(G+1), n], each question's row last."""
+    return np.concatenate([rows.reshape(-1, g, rows.shape[1]), extra[:, None]], 1).reshape(-1, rows.shape[1])
+
+
 def _rows(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
     return [list(t[m]) for t, m in zip(tokens, mask)]
 
@@ -202,6 +207,32 @@ class LanguageTestbed:
             return self._sft_step(state, step, keys)
         return self._rl_step(state, step, keys)
 
+    def lower(self, state, step: int, num_steps: int, keys: Mapping[str, jax.Array]) -> list:
+        """The warm-start update (if steps before `sft_steps` remain), the RL sampler and update (if
+        RL steps remain) and the eval sampler, lowered on the arguments of their first calls: the
+        data of step `step` (or the first RL step), the sampler's output shapes for the batch."""
+        cfg, out = self.cfg, []
+        params = state.params("policy")
+        if step < cfg.sft_steps:
+            out.append(self.sft_update.lower(state, *self._sft_args(step, keys)))
+        t = max(step, cfg.sft_steps)
+        if t < self.total_steps:
+            _, prompts, pmask, gt, gt_mask = self._rl_inputs(t, keys)
+            sampler = self.sample.lower(params, *self._shard((prompts, pmask)), jax.random.fold_in(keys["rollout"], t))
+            sampled = sampler.out_info
+            rows, n = sampled.tokens.shape
+            resp, rmask = np.zeros((rows, n), sampled.tokens.dtype), np.zeros((rows, n), sampled.mask.dtype)
+            rewards = np.zeros((len(prompts), cfg.group_size), np.float32)
+            if cfg.inject_gt:
+                g = cfg.group_size
+                resp, rmask = _append_to_groups(resp, gt, g), _append_to_groups(rmask, gt_mask, g)
+                rewards = np.zeros((len(prompts), g + 1), np.float32)
+            out += [sampler, self.update.lower(state, self._rl_batch(t, prompts, pmask, resp, rmask, rewards, gt, gt_mask))]
+        if min(cfg.eval_questions, self.task.num_eval):
+            idx = np.arange(min(cfg.eval_batch, cfg.eval_questions, self.task.num_eval))
+            out.append(self.eval_sample.lower(params, *self._eval_prompts(idx), jax.random.fold_in(keys["eval"], 0)))
+        return out
+
     # ---- device placement ---------------------------------------------------------------
     def _shard(self, tree):
         """Rows over data x fsdp where they divide (rlsoft.mesh.shard_rows), scalars replicated."""
@@ -216,46 +247,54 @@ class LanguageTestbed:
         return np.asarray(toks, np.int32), np.asarray(mask, bool)
 
     # ---- steps --------------------------------------------------------------------------
-    def _sft_step(self, state, t: int, keys):
+    def _sft_args(self, t: int, keys):
         # A warm-start step trains on as many sequences as an RL update: questions x G.
         per_step = self.cfg.questions_per_step * self.cfg.group_size
         idx = question_indices(keys["data"], t, per_step, self.task.num_train)
         prompts, pmask = self._prompts(idx, "train")
         resp, rmask = _pad_responses(self.task.reference_tokens(idx, "train"), self.cfg.sampling.max_new_tokens,
                                      self.task.pad_id)
-        return self.sft_update(state, *self._shard((prompts, pmask, resp, rmask)))
+        return self._shard((prompts, pmask, resp, rmask))
+
+    def _sft_step(self, state, t: int, keys):
+        return self.sft_update(state, *self._sft_args(t, keys))
+
+    def _rl_inputs(self, t: int, keys):
+        """Step t's questions, their prompts and their ground-truth responses (padded)."""
+        idx = question_indices(keys["data"], t, self.cfg.questions_per_step, self.task.num_train)
+        prompts, pmask = self._prompts(idx, "train")
+        gt, gt_mask = _pad_responses(self.task.reference_tokens(idx, "train"), self.cfg.sampling.max_new_tokens,
+                                     self.task.pad_id)
+        return idx, prompts, pmask, gt, gt_mask
+
+    def _rl_batch(self, t: int, prompts, pmask, resp, rmask, rewards, gt, gt_mask) -> trainer.Batch:
+        """The update's batch: rows of `rewards.shape[1]` responses per question (G, or G + 1 with
+        the ground truth injected), placed on the mesh."""
+        gp = rewards.shape[1]
+        return self._shard_rows(trainer.Batch(
+            prompts=np.repeat(prompts, gp, 0), prompt_mask=np.repeat(pmask, gp, 0),
+            responses=resp, response_mask=rmask, rewards=rewards.astype(np.float32),
+            tau=np.float32(self.cfg.tau_at(t - self.cfg.sft_steps)),
+            sl_responses=gt, sl_prompts=prompts, sl_prompt_mask=pmask,
+            sl_mask=gt_mask if self.cfg.sl_weight > 0 else np.zeros_like(gt_mask)))
 
     def _rl_step(self, state, t: int, keys):
         cfg, task = self.cfg, self.task
-        n_new = cfg.sampling.max_new_tokens
-        idx = question_indices(keys["data"], t, cfg.questions_per_step, task.num_train)
-        prompts, pmask = self._prompts(idx, "train")
+        idx, prompts, pmask, gt, gt_mask = self._rl_inputs(t, keys)
         start = time.perf_counter()
         out = self.sample(state.params("policy"), *self._shard((prompts, pmask)), jax.random.fold_in(keys["rollout"], t))
         # Every process gets all rows (gathered across processes), so host rewards agree everywhere.
         resp, rmask, lengths = distributed.to_host((out.tokens, out.mask, out.lengths))
         sample_s = time.perf_counter() - start
         g = cfg.group_size
-        q_idx = np.repeat(idx, g)
         sampled = _rows(resp, rmask)
-        scores = task.score(q_idx, "train", sampled)
-        gt, gt_mask = _pad_responses(task.reference_tokens(idx, "train"), n_new, task.pad_id)
+        scores = task.score(np.repeat(idx, g), "train", sampled)
+        rewards = scores["reward"].reshape(-1, g)
         if cfg.inject_gt:
             gt_scores = task.score(idx, "train", _rows(gt, gt_mask))
-            gp = g + 1
-            resp = np.concatenate([resp.reshape(-1, g, resp.shape[1]), gt[:, None]], 1).reshape(-1, resp.shape[1])
-            rmask = np.concatenate([rmask.reshape(-1, g, rmask.shape[1]), gt_mask[:, None]], 1).reshape(
-                -1, rmask.shape[1])
-            rewards = np.concatenate([scores["reward"].reshape(-1, g), gt_scores["reward"][:, None]], 1)
-        else:
-            gp, rewards = g, scores["reward"].reshape(-1, g)
-        batch = trainer.Batch(
-            prompts=np.repeat(prompts, gp, 0), prompt_mask=np.repeat(pmask, gp, 0),
-            responses=resp, response_mask=rmask, rewards=rewards.astype(np.float32),
-            tau=np.float32(cfg.tau_at(t - cfg.sft_steps)),
-            sl_responses=gt, sl_prompts=prompts, sl_prompt_mask=pmask,
-            sl_mask=gt_mask if cfg.sl_weight > 0 else np.zeros_like(gt_mask))
-        state, metrics = self.update(state, self._shard_rows(batch))
+            resp, rmask = _append_to_groups(resp, gt, g), _append_to_groups(rmask, gt_mask, g)
+            rewards = np.concatenate([rewards, gt_scores["reward"][:, None]], 1)
+        state, metrics = self.update(state, self._rl_batch(t, prompts, pmask, resp, rmask, rewards, gt, gt_mask))
         metrics = dict(distributed.to_host(metrics))  # lengths: the sampled responses, not injected ground truth
         metrics.update({f"train/{k}": float(np.mean(v)) for k, v in scores.items()})
         metrics["train/reward_std"] = float(np.mean(rewards.std(axis=1)))
@@ -264,6 +303,16 @@ class LanguageTestbed:
         for i, row in enumerate(sampled[: cfg.samples_to_log]):
             metrics[f"text/sample_{i}"] = task.decode(row)
         return state, metrics
+
+    def _eval_prompts(self, idx: np.ndarray):
+        """Held-out questions `idx`'s prompts, padded to `eval_batch` rows (one compiled shape for
+        every eval batch), placed on the mesh."""
+        prompts, pmask = self._prompts(idx, "eval")
+        pad = self.cfg.eval_batch - len(idx)
+        if pad:
+            prompts, pmask = np.concatenate([prompts, prompts[:1].repeat(pad, 0)]), np.concatenate(
+                [pmask, pmask[:1].repeat(pad, 0)])
+        return self._shard((prompts, pmask))
 
     def eval_outcomes(self, state, keys) -> dict[str, np.ndarray]:
         """Per held-out question (the first `eval_questions`, in order): the greedy response's scores
@@ -274,12 +323,7 @@ class LanguageTestbed:
         parts: dict[str, list] = {}
         for lo in range(0, n, self.cfg.eval_batch):
             idx = np.arange(lo, min(lo + self.cfg.eval_batch, n))
-            prompts, pmask = self._prompts(idx, "eval")
-            pad = self.cfg.eval_batch - len(idx)  # one compiled shape for every eval batch
-            if pad:
-                prompts, pmask = np.concatenate([prompts, prompts[:1].repeat(pad, 0)]), np.concatenate(
-                    [pmask, pmask[:1].repeat(pad, 0)])
-            out = self.eval_sample(state.params("policy"), *self._shard((prompts, pmask)),
+            out = self.eval_sample(state.params("policy"), *self._eval_prompts(idx),
                                    jax.random.fold_in(keys["eval"], lo))
             rows = _rows(*distributed.to_host((out.tokens, out.mask)))[: len(idx) * g]
             for k, v in self.task.score(np.repeat(idx, g), "eval", rows).items():

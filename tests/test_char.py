@@ -199,3 +199,15 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
     assert "Traceback" not in err and "resume with --resume" in err
     steps = [int(p.name) for p in (events / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and steps[0] % 5 == 0 and steps[0] > 0
+
+
+@pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
+def test_compile_ahead_leaves_the_run_nothing_to_compile(tmp_path, count_compiles):
+    cfg = char_exp.parse_flags(char_exp.CharConfig, [*SMOKE, "--compile_cache="], presets=char_exp.PRESETS)
+    driver, _ = char_exp.make_driver(cfg)
+    with count_compiles() as seen:
+        driver._compile_ahead(driver.testbed.total_steps)
+    assert len(driver.compile_seconds) == 2 and {"jit(run)", "jit(evaluate)"} <= set(seen)
+    with count_compiles() as seen:
+        driver.run()
+    assert not {"jit(run)", "jit(evaluate)"} & set(seen)

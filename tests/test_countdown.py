@@ -95,16 +95,18 @@ def test_same_metrics_on_1_and_8_devices(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
-def test_steps_compile_once(tmp_path, count_compiles):
-    cfg = countdown.parse_flags(countdown.CountdownConfig, _flags(tmp_path, "--kl_coef=0.01"),
+def test_compile_ahead_leaves_every_step_and_eval_nothing_to_compile(tmp_path, count_compiles):
+    # The ground truth injected, a KL reference and an SL term: every optional input of the update.
+    cfg = countdown.parse_flags(countdown.CountdownConfig, _flags(tmp_path, "--kl_coef=0.01", "--inject_gt",
+                                                                  "--sl_weight=0.1", "--compile_cache="),
                                 presets=countdown.PRESETS)
     driver = countdown.make_driver(cfg)
-    bed, state = driver.testbed, driver.state
-    state, _ = bed.train(state, 0, 1, driver.keys)  # the first warm-start step compiles
     with count_compiles() as compiled:
-        state, _ = bed.train(state, 1, 1, driver.keys)
-    assert compiled == []
-    state, _ = bed.train(state, 2, 1, driver.keys)  # the first RL step compiles the sampler and update
+        driver._compile_ahead(driver.testbed.total_steps)
+    # The warm-start update, the sampler, the RL update and the eval sampler, compiled at once.
+    assert len(driver.compile_seconds) == 4
+    assert {"jit(sft_update)", "jit(sampler)", "jit(update)"} <= set(compiled)
     with count_compiles() as compiled:
-        state, _ = bed.train(state, 3, 1, driver.keys)
+        result = driver.run()  # 2 warm-start steps, 2 RL steps (the reference set between), an eval
     assert compiled == []
+    assert len(result.history) == 4 and "eval/success" in result.history[-1]

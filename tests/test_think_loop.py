@@ -196,3 +196,20 @@ def test_bad_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="use --search=mctx"):
         tl.validate(tl.ThinkConfig(search="enumerate"), 4, 9, None)
     assert tl.count_sequences(A + 1, T, A) == len(tl.canonical_sequences(FNS._replace(num_classes=A + 1, eot=A)))
+
+
+def test_compile_ahead_leaves_train_and_eval_nothing_to_compile(count_compiles):
+    from rlsoft.compile_cache import compile_ahead
+
+    cfg = Cfg(population=2, thinker=sgd(0.3), answerer=sgd(0.3), group_size=4)
+    testbed = ThinkTestbed(cfg, FNS, init_member, tuple(map(np.asarray, batch_fn(jax.random.PRNGKey(9)))),
+                           total_steps=9)
+    state = testbed.init_state()
+    keys = stream_keys(0, testbed.streams)
+    with count_compiles() as seen:
+        assert len(compile_ahead(testbed.lower(state, 0, 3, keys))) == 2  # the scan and the evaluator
+    assert seen.count("jit(member)") == 2
+    with count_compiles() as seen:
+        state, _ = testbed.train(state, 0, 3, keys)
+        testbed.evaluate(state)
+    assert "jit(member)" not in seen
