@@ -168,12 +168,15 @@ def test_compiled_chunk_equals_step_by_step():
     chex.assert_trees_all_close(tl.unstack_member(chunked, 0), state, rtol=1e-6, atol=1e-7)
 
 
-def test_no_recompiles_after_the_first_call(count_compiles):
+def _population_of_two():
     cfg = Cfg(population=2, thinker=sgd(0.3), answerer=sgd(0.3), group_size=4)
     testbed = ThinkTestbed(cfg, FNS, init_member, tuple(map(np.asarray, batch_fn(jax.random.PRNGKey(9)))),
                            total_steps=9)
-    state = testbed.init_state()
-    keys = stream_keys(0, testbed.streams)
+    return testbed, testbed.init_state(), stream_keys(0, testbed.streams)
+
+
+def test_no_recompiles_after_the_first_call(count_compiles):
+    testbed, state, keys = _population_of_two()
     state, _ = testbed.train(state, 0, 3, keys)
     testbed.evaluate(state)
     with count_compiles() as seen:
@@ -201,11 +204,7 @@ def test_bad_settings_are_one_line_errors():
 def test_compile_ahead_leaves_train_and_eval_nothing_to_compile(count_compiles):
     from rlsoft.compile_cache import compile_ahead
 
-    cfg = Cfg(population=2, thinker=sgd(0.3), answerer=sgd(0.3), group_size=4)
-    testbed = ThinkTestbed(cfg, FNS, init_member, tuple(map(np.asarray, batch_fn(jax.random.PRNGKey(9)))),
-                           total_steps=9)
-    state = testbed.init_state()
-    keys = stream_keys(0, testbed.streams)
+    testbed, state, keys = _population_of_two()
     with count_compiles() as seen:
         assert len(compile_ahead(testbed.lower(state, 0, 3, keys))) == 2  # the scan and the evaluator
     assert seen.count("jit(member)") == 2
