@@ -22,12 +22,16 @@ preset and writes it, models/hf.py loads it, tunix and TRL load the same directo
               and tunix's (one process, their order alternating by round), rlsoft's first RL step
               (from the rl_step processes) and TRL's first step. Targets (issue 14): rlsoft's cold
               first calls no slower than tunix's first call and TRL's first step.
+  phases      what rlsoft's (and tunix's) first calls spent tracing, lowering and compiling or reading
+              the cache (benchmarks.compile_log: JAX's compile log), medians over rounds.
 A peer that is not installed is named in one line and its parts are skipped.
 Prints one JSON line of figures, then a table.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -38,6 +42,7 @@ import time
 
 import numpy as np
 
+from benchmarks.compile_log import CompileLog
 from benchmarks.timing import first_calls, interleaved, paired, write_json
 from rlsoft.config import check, check_finite, parse_flags
 from rlsoft.logger import format_table
@@ -87,16 +92,6 @@ class BenchConfig:
         check(0 <= self.seed < 2**31, f"seed={self.seed} is invalid; need 0 <= seed < 2**31")
         check(self.worker in WORKERS, f"worker={self.worker} is invalid; expected one of {WORKERS[1:]}")
         check(not self.worker or self.model_dir, "worker needs model_dir")
-
-
-def installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
-def version(dist: str) -> str:
-    from importlib.metadata import version as v
-
-    return v(dist)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,8 +176,10 @@ def worker_sampler_first(cfg: BenchConfig) -> dict:
     runs = {"rlsoft": jax_sample_fn(decode_fns(graphdef), state, tokens, mask, cfg.new_tokens, 1),
             "tunix": peers_tunix.sample_fn(tunix_sampler, tokens, mask, cfg.new_tokens)}
     order = ["tunix", "rlsoft"] if cfg.tunix_first else ["rlsoft", "tunix"]
-    _, first = first_calls({k: runs[k] for k in order})
-    return dict(first, order=order, cache_hits=counter.hits, cache_misses=counter.misses)
+    logs = {k: CompileLog() for k in order}
+    _, first = first_calls({k: logs[k].around(runs[k]) for k in order})
+    return dict(first, order=order, cache_hits=counter.hits, cache_misses=counter.misses,
+                compile_log={k: log.summary() for k, log in logs.items()})
 
 
 def worker_rl_rlsoft(cfg: BenchConfig) -> dict:
@@ -206,15 +203,16 @@ def worker_rl_rlsoft(cfg: BenchConfig) -> dict:
     keys = {s: jax.random.fold_in(jax.random.key(cfg.seed), i) for i, s in enumerate(testbed.streams)}
     state = testbed.init_state()
     setup = time.perf_counter() - start
-    seconds, rewards = [], []
+    seconds, rewards, log = [], [], CompileLog()
     for i in range(cfg.steps):
         t = time.perf_counter()
-        state, metrics = testbed.train(state, tcfg.sft_steps + i, 1, keys)
-        jax.block_until_ready(state)
+        with log if i == 0 else contextlib.nullcontext():
+            state, metrics = testbed.train(state, tcfg.sft_steps + i, 1, keys)
+            jax.block_until_ready(state)
         seconds.append(time.perf_counter() - t)
         rewards.append(float(np.asarray(metrics["train/reward"]).mean()))
     return {"step_seconds": seconds, "setup_seconds": setup, "reward": rewards, "cache_hits": counter.hits,
-            "cache_misses": counter.misses}
+            "cache_misses": counter.misses, "compile_log": log.summary()}
 
 
 def worker_rl_trl(cfg: BenchConfig) -> dict:
@@ -259,7 +257,15 @@ def first_call_part(cfg: BenchConfig, model_dir: str, tmp: str) -> dict:
         rounds.append(dict(cold=cold, warm=warm))
     med = lambda kind, side: round(float(np.median([r[kind][side] for r in rounds])), 2)  # noqa: E731
     return {"rounds": rounds, "rlsoft_cold_s": med("cold", "rlsoft"), "tunix_cold_s": med("cold", "tunix"),
-            "rlsoft_warm_s": med("warm", "rlsoft"), "tunix_warm_s": med("warm", "tunix")}
+            "rlsoft_warm_s": med("warm", "rlsoft"), "tunix_warm_s": med("warm", "tunix"),
+            "phases_s": {f"{side}_{kind}": phases([r[kind]["compile_log"][side] for r in rounds])
+                         for kind in ("cold", "warm") for side in ("rlsoft", "tunix")}}
+
+
+def phases(logs: list[dict]) -> dict:
+    """Medians over rounds of a first call's seconds by phase (benchmarks.compile_log)."""
+    return {k: round(float(np.median([x[k] for x in logs])), 2) for k in ("trace_s", "lower_s", "compile_s",
+                                                                           "cache_read_s")}
 
 
 def rl_step_part(cfg: BenchConfig, model_dir: str, tmp: str, with_trl: bool) -> dict:
@@ -279,7 +285,9 @@ def rl_step_part(cfg: BenchConfig, model_dir: str, tmp: str, with_trl: bool) -> 
         return round(float(np.median([r[name]["step_seconds"][0] for r in rounds])), 2)
 
     out = {"rounds": rounds, "rlsoft_step_s": steady("rlsoft_warm"), "rlsoft_step_cold_process_s": steady("rlsoft_cold"),
-           "rlsoft_first_step_cold_s": first("rlsoft_cold"), "rlsoft_first_step_warm_s": first("rlsoft_warm")}
+           "rlsoft_first_step_cold_s": first("rlsoft_cold"), "rlsoft_first_step_warm_s": first("rlsoft_warm"),
+           "rlsoft_first_step_phases_s": {k: phases([r[f"rlsoft_{k}"]["compile_log"] for r in rounds])
+                                          for k in ("cold", "warm")}}
     if with_trl:
         out.update(trl_step_s=steady("trl"), trl_first_step_s=first("trl"),
                    ratio_trl_over_rlsoft=round(steady("trl") / steady("rlsoft_warm"), 2),
@@ -302,7 +310,7 @@ def main(argv=None) -> dict:
         return {}
     from benchmarks import peers_tunix
 
-    have = {"tunix": installed("tunix"), "trl": installed("trl")}
+    have = {peer: importlib.util.find_spec(peer) is not None for peer in ("tunix", "trl")}
     skipped = []
     for peer, parts in (("tunix", "sampler throughput, parity and first calls"), ("trl", "GRPOTrainer steps")):
         if not have[peer]:
@@ -317,7 +325,8 @@ def main(argv=None) -> dict:
     compile_cache.enable("")  # this process's first calls compile (both sides alike)
     versions = {"jax": jax.__version__, "rlsoft_commit": subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()}
-    versions.update({peer: version({"tunix": "google-tunix", "trl": "trl"}[peer]) for peer in have if have[peer]})
+    versions.update({peer: importlib.metadata.version({"tunix": "google-tunix", "trl": "trl"}[peer])
+                     for peer in have if have[peer]})
     figures = {"workload": {k: getattr(cfg, k) for k in ("batch", "prompt_len", "new_tokens", "questions",
                                                          "group_size", "micro_batches", "learning_rate", "steps",
                                                          "repeats", "rounds", "trl_threads")},
