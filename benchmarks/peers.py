@@ -8,6 +8,8 @@ preset and writes it, models/hf.py loads it, tunix and TRL load the same directo
               against tunix's vanilla `Sampler` (benchmarks.peers_tunix), in this process, interleaved
               (benchmarks.timing): 64 left-padded prompts of 113..128 ids, 256 new tokens, temperature 1,
               no top-k / top-p, no stop; tokens/s of the medians and the median per-round ratio.
+              rlsoft's call also returns each token's log-prob; tunix's (return_logprobs off, its
+              default) turns the ids to text and back, as its API does (benchmarks.peers_tunix).
   parity      greedy tokens of both samplers identical, and the logits the first token is chosen
               from within PARITY_ATOL (rlsoft: its decode functions' prefill; tunix: its sampler's
               return_logits).
