@@ -17,10 +17,26 @@ Peaks: update = arguments + outputs - aliased + temp; sampling = the resident tr
 the sampler's arguments other than the params (which are the state's) + outputs + temp. The run fits
 when the larger peak is within `device_memory * (1 - reserve)` (the reserve: the runtime's own
 buffers, fragmentation). Caveat: XLA:CPU schedules and fuses differently from a GPU/TPU backend, so
-temp sizes are this compiler's; the argument and output sizes are exact. In particular XLA:CPU's temp
-does not show --remat's saving: the jaxpr saves only each block's input under remat=full
-(jax.ad_checkpoint.print_saved_residuals), yet a 4-layer 0.5B-wide gradient's temp was 1047 MB with
-none and 1052 MB with full or dots (its scheduler is free to run the recomputations early).
+temp sizes are this compiler's; the argument and output sizes are exact.
+
+What the plan showed, read from XLA's buffer assignment (--xla_dump_to: *live-range.txt lists the
+buffers live at the peak) and fixed in the programs themselves: (1) XLA hoisted the FSDP all-gathers
+of the weights out of the micro-batch loop (loop-invariant code motion) and kept every layer's gathered
+weights live through the loop (float32 on XLA:CPU, which computes bf16 products in f32);
+rlsoft.trainer._varying ties the weights to each micro-batch (Qwen2.5-7B, remat=full, KL reference:
+update temp 63.9 -> 26.7 GB; per layer 1.22 -> 0.12 GB). (2) For the backward of a tied LM head the
+SPMD partitioner kept the table's fsdp split and all-gathered the micro-batch's dlogits [rows, N, V]
+onto every device; models.qwen2_train._head gathers the table instead (Qwen2.5-0.5B, 1 layer, 64 x 512
+tokens: 23.2 -> 7.7 GB). What it still cannot show: remat's saving. The jaxpr saves only each block's
+input under remat=full (jax.ad_checkpoint.print_saved_residuals), but XLA:CPU schedules the
+backward's recomputation early: buffers of `checkpoint/rematted_computation` are live at the loss's
+peak beside its V-wide log-softmax, and 7B without a reference grows 3.6 GB a layer with remat=none
+and 3.4 with full (a GPU compile may order it otherwise; not checked, no accelerator was lent). With
+the KL reference XLA schedules the loop otherwise: 0.12 GB a layer, and the same temp with none and
+full (7B: 26.66 GB, of which the
+reference's whole-batch f32 logits alone are 19.9 GB). Running the reference one micro-batch at a
+time (lax.map, or inside the loop) made XLA's plan larger both times (7B inside the loop: 2.6 GB a
+layer), so it stays whole.
 
 `--compile_layers=k` (default 1; 0: all layers) compiles the model with k and 2k layers and
 extrapolates every figure linearly to the real depth: the layers are a Python loop, so XLA compiles
@@ -223,9 +239,6 @@ def advice(cfg: PlanConfig, p: dict) -> list[str]:
     tips, hand, usable = [], p["hand"], p["usable"]
     if p["update_peak"] > usable:
         act = p["activations"]
-        if cfg.kl_coef > 0:
-            tips.append(f"--kl_coef=0: no reference ({hand['reference'] / GB:.1f} GB of weights; XLA's temp may "
-                        f"change either way, plan it again)")
         for m in (2 * cfg.micro_batches, 4 * cfg.micro_batches):
             if cfg.questions % m == 0:
                 est = p["update_peak"] - act * (1 - cfg.micro_batches / m)

@@ -165,14 +165,15 @@ def _loss_shares(mask: jax.Array, m: int, aggregation: str) -> jax.Array:
 
 
 def _varying(tree, x):
-    """`tree`, tied to this micro-batch's `x` by an optimization barrier, under a mesh (else unchanged).
+    """`tree`, tied to this micro-batch's `x` by an optimization barrier, on a multi-device mesh (else unchanged).
 
     The weights are the same in every micro-batch, so XLA's loop-invariant code motion hoisted their
     FSDP all-gathers out of the micro-batch loop and kept every layer's gathered weights live through
     the whole loop (Qwen2.5-7B, 2 layers, 8 devices: five V x d and twelve MLP matrices whole, in
     float32, outside the loop at the update's peak), which no remat policy can release. Tied to
-    the loop's input they are gathered where used, as FSDP means."""
-    if jax.sharding.get_abstract_mesh().empty:
+    the loop's input they are gathered where used, as FSDP means. On one device nothing is gathered:
+    unchanged, so XLA may still hoist the weights' casts."""
+    if jax.sharding.get_abstract_mesh().size <= 1:  # no mesh (size 0) or one device
         return tree
     return jax.lax.optimization_barrier((tree, x))[0]
 
