@@ -10,7 +10,8 @@ The prefill is the model's training forward (`return_kv`, logits of the last pos
 over a few prompts at a time (`prefill_rows`); its K/V become a read-only prompt prefix, stored
 once per prompt and read by the prompt's G rows (`shared_prompt=True`), or once per row after
 repeating the prompts G times (`shared_prompt=False`, the memory and FLOPs of a plain cache; same
-samples up to float rounding). Response tokens go to private slots in chunks of `chunk` slots.
+samples up to float rounding). Response tokens go to private slots in chunks that match the
+sampler's segments: `chunk`, `chunk`, 2 `chunk`, 4 `chunk`, ... slots (rlsoft.rollout.segment_ends).
 
 Why this layout rather than `qwen2.KVCache` (measured at B=64, tiny preset, 384 slots; the plain
 `qwen2.decode_step` took ~6 ms a step, this one ~2 ms; benchmarks/rollout.py has the figures):
@@ -22,7 +23,9 @@ Why this layout rather than `qwen2.KVCache` (measured at B=64, tiny preset, 384 
   * every row writes the same private slot at step j (the sampler decodes all rows in lockstep), so
     a write is a dynamic_update_slice at one scalar index, and the sampler's static segment number
     (`DecodeFns.segment`) says which chunks can hold tokens yet: attention reads the prompt plus
-    chunks 0..segment, not the empty rest of the cache.
+    chunks 0..segment, not the empty rest of the cache. Doubling chunks keep the compiled copies of
+    the step logarithmic in the response length (tiny preset, 64 x 128-token prompts, 256 new
+    tokens: 3 segments instead of 4; benchmarks/peers.py's first-call figures).
 `generic_decode_fns` is the plain `qwen2.prefill` / `qwen2.decode_step` path, kept as the
 reference the benchmark compares against.
 """
@@ -38,7 +41,7 @@ from flax import nnx
 from models import qwen2
 from rlsoft import mesh as mesh_lib
 from rlsoft.mesh import constrain
-from rlsoft.rollout import DecodeFns
+from rlsoft.rollout import DecodeFns, segment_ends
 
 MASK_VALUE = qwen2.MASK_VALUE  # the same masked value in decode and training
 
@@ -47,8 +50,8 @@ class DecodeCache(NamedTuple):
     prefix_k: tuple  # L x [Bp, H_kv, D, P], K transposed; row b reads prompt b // G
     prefix_v: tuple  # L x [Bp, H_kv, P, D]
     prefix_valid: jax.Array  # [Bp, P] bool: prompt token is real (left padding is not)
-    k: tuple  # L x n_chunks x [B, H_kv, D, C]
-    v: tuple  # L x n_chunks x [B, H_kv, C, D]
+    k: tuple  # L x n_chunks x [B, H_kv, D, C_s], C_s = chunk s's slots (rollout.segment_ends)
+    v: tuple  # L x n_chunks x [B, H_kv, C_s, D]
     index: jax.Array  # [] int32: private slot the next step writes (the same for every row)
 
 
@@ -56,9 +59,10 @@ def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True, chunk: int
                prefill_rows: int = 4) -> DecodeFns:
     """Prefill and step of a Qwen2 whose params are passed as the state of `nnx.split`.
 
-    `chunk` is the segment length of the sampler's loop and the private cache's chunk size: a step
-    attends over at most `chunk - 1` empty slots (a smaller chunk reads less but compiles more
-    segments; at the tiny preset 32 and 128 were slower than 64: ~456 and ~424 vs ~380 ms a call).
+    `chunk` is the first segment length of the sampler's loop and the private cache's first chunk
+    size (then the same again, then doubling): a step attends over at most max(`chunk`, filled) - 1
+    empty slots (a smaller chunk reads less but compiles more segments; at the tiny preset with
+    fixed chunks, 32 and 128 were slower than 64: ~456 and ~424 vs ~380 ms a call).
 
     `prefill_rows`: the prefill runs over parts of this many prompt rows (the gcd with the batch),
     one after another in a `lax.map`, so that its activations and [rows, H, P, P] scores are those of
@@ -96,14 +100,16 @@ def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True, chunk: int
         logits, k, v = jax.tree.map(merge, parts)
         cfg = module.cfg
         b, kvh, hd = bp * group_size, cfg.num_key_value_heads, cfg.head_dim
-        n_chunks = max(1, math.ceil((max_new - 1) / chunk))  # the last sampled token is never fed back
+        # The last sampled token is never fed back: max_new - 1 steps (one chunk at least).
+        ends = segment_ends(max(1, max_new - 1), chunk)
+        sizes = [e - s for s, e in zip((0,) + ends, ends)]
         zeros = lambda *shape: _kv(jnp.zeros(shape, k[0].dtype))  # noqa: E731
         cache = DecodeCache(
             prefix_k=tuple(map(_kv, k)),
             prefix_v=tuple(map(_kv, v)),
             prefix_valid=_rows(mask.astype(bool)),
-            k=tuple(tuple(zeros(b, kvh, hd, chunk) for _ in range(n_chunks)) for _ in range(cfg.num_hidden_layers)),
-            v=tuple(tuple(zeros(b, kvh, chunk, hd) for _ in range(n_chunks)) for _ in range(cfg.num_hidden_layers)),
+            k=tuple(tuple(zeros(b, kvh, hd, c) for c in sizes) for _ in range(cfg.num_hidden_layers)),
+            v=tuple(tuple(zeros(b, kvh, c, hd) for c in sizes) for _ in range(cfg.num_hidden_layers)),
             index=jnp.zeros((), jnp.int32))
         logits = logits[:, 0] if shared_prompt else logits[::group_size, 0]  # G equal copies: one per prompt
         return logits, cache
@@ -114,9 +120,11 @@ def decode_fns(graphdef: nnx.GraphDef, *, shared_prompt: bool = True, chunk: int
         cfg = module.cfg
         b = tokens.shape[0]
         kvh, hd, heads = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
-        offset = cache.index - segment * chunk  # slot inside chunk `segment`; in [0, chunk) by contract
+        begin = sum(c.shape[-1] for c in cache.k[0][:segment])  # slots of the chunks before `segment`
+        size = cache.k[0][segment].shape[-1]
+        offset = cache.index - begin  # slot inside chunk `segment`; in [0, size) by contract
         # Chunks before `segment` are full; in chunk `segment` slots up to and including this one.
-        own = jnp.concatenate([jnp.ones((segment * chunk,), bool), jnp.arange(chunk) <= offset])
+        own = jnp.concatenate([jnp.ones((begin,), bool), jnp.arange(size) <= offset])
         cos, sin = qwen2.rope_tables(positions[:, None], hd, cfg.rope_theta)
         x = _rows(_embed(module, tokens[:, None]))  # [B,1,d]
         new_k, new_v = [], []
@@ -196,10 +204,11 @@ def _attend(q, pk, pv, pvalid, ks, vs, own, scale):
     e_p, e_o = jnp.exp(s_p - grouped(m)), jnp.exp(s_o - m)
     z = ungrouped(jnp.sum(e_p, -1, keepdims=True)) + jnp.sum(e_o, -1, keepdims=True)
     out = ungrouped(jnp.einsum("bkmp,bkpd->bkmd", e_p.astype(pv.dtype), pv, preferred_element_type=f32))
-    c = vs[0].shape[-2]
-    for j, v in enumerate(vs):
-        out = out + jnp.einsum("bkrs,bksd->bkrd", e_o[..., j * c:(j + 1) * c].astype(v.dtype), v,
-                               preferred_element_type=f32)
+    begin = 0
+    for v in vs:  # chunks of unequal sizes (rollout.segment_ends)
+        end = begin + v.shape[-2]
+        out = out + jnp.einsum("bkrs,bksd->bkrd", e_o[..., begin:end].astype(v.dtype), v, preferred_element_type=f32)
+        begin = end
     return (out / z).astype(q.dtype)
 
 

@@ -11,11 +11,14 @@ pytree, e.g. an NNX state from `nnx.split`; `cache` is any pytree of static shap
 model with a group-shared prompt cache prefills each prompt once; any other model can repeat the
 prompts G times inside its `prefill` (models/qwen2_decode.py has both).
 
-Segments (`DecodeFns.segment = C > 0`): the decode loop runs as consecutive loops of at most C steps
-and calls `step(params, cache, tokens, positions, s)` with the static segment number s: that step
-feeds response token j (0-based; it is the (j+1)-th decode step) with s*C <= j < (s+1)*C. Every row
-decodes in lockstep, so a model can bound its attention statically to the (s+1)*C response slots
-that may be written, instead of its whole cache. It costs one compiled copy of the step per segment.
+Segments (`DecodeFns.segment = C > 0`): the decode loop runs as consecutive loops whose lengths
+double after the first two, C, C, 2C, 4C, ... (`segment_ends`), and calls
+`step(params, cache, tokens, positions, s)` with the static segment number s: that step feeds
+response token j (0-based; it is the (j+1)-th decode step) with ends[s-1] <= j < ends[s]. Every row
+decodes in lockstep, so a model can bound its attention statically to the ends[s] response slots
+that may be written, instead of its whole cache. It costs one compiled copy of the step per
+segment: doubling keeps that to 1 + ceil(log2((N-1)/C)) copies (5, not 16, for 1,024 new tokens at
+C = 64) while a step still reads at most as many empty slots as it has filled (beyond the first C).
 
 Prompts are LEFT-padded ([Bp,P] tokens, mask = token is real, every row's last column real) and
 positions are `max(cumsum(mask) - 1, 0)` (HF generate's rule), so the response of every row starts
@@ -68,7 +71,7 @@ class DecodeFns(NamedTuple):
 
     prefill: PrefillFn  # (params, tokens, positions, mask, group_size, max_new) -> (last_logits, cache)
     step: StepFn  # (params, cache, tokens, positions[, segment]) -> (logits, cache)
-    segment: int = 0  # > 0: steps come in segments of this many and get the segment number (static)
+    segment: int = 0  # > 0: steps come in segments (`segment_ends`) and get the segment number (static)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,13 +377,25 @@ def sample(fns: DecodeFns, config: SamplingConfig, params: Params, prompts: chex
 
         return jax.lax.while_loop(cond, body, carry)
 
-    if fns.segment:  # segment s: t - 1 in [s*C, (s+1)*C); a segment after an early stop exits at once
-        for s in range(math.ceil((n - 1) / fns.segment)):
-            carry = loop(carry, min(n, (s + 1) * fns.segment + 1), s)
+    if fns.segment:  # segment s: t - 1 in [ends[s-1], ends[s]); a segment after an early stop exits at once
+        for s, end in enumerate(segment_ends(n - 1, fns.segment)):
+            carry = loop(carry, end + 1, s)
     else:
         carry = loop(carry, n)
     out = carry.out
     return out._replace(lengths=jnp.sum(out.mask, axis=-1, dtype=jnp.int32))
+
+
+def segment_ends(steps: int, first: int) -> tuple[int, ...]:
+    """Exclusive ends of the decode segments over `steps` decode steps: first, 2 first, 4 first, ...,
+    the last clipped to `steps` (segment lengths C, C, 2C, 4C, ...); () for no steps."""
+    if not _is_int(first) or first < 1:
+        raise ValueError(f"segment={first!r} is invalid; must be an int >= 1")
+    ends, end = [], first
+    while (ends[-1] if ends else 0) < steps:
+        ends.append(min(end, steps))
+        end *= 2
+    return tuple(ends)
 
 
 def _check_group(group_size, greedy_rows) -> None:

@@ -319,7 +319,8 @@ def test_config_is_hashable_and_vocab_checked(tiny):
 
 
 @pytest.mark.parametrize("shared,chunk,group_size,prefill_rows",
-                         [(True, 3, 4, 4), (False, 7, 2, 4), (True, 64, 1, 1), (False, 5, 2, 3)])
+                         [(True, 3, 4, 4), (False, 7, 2, 4), (True, 64, 1, 1), (False, 5, 2, 3),
+                          (True, 2, 2, 4)])  # chunk 2: chunks of 2, 2, 4 and 1 slots
 def test_segmented_decode_samples_what_the_generic_cache_samples(tiny, shared, chunk, group_size, prefill_rows):
     # The fast path (per-layer chunks, attention over filled segments only, the prefill in parts of
     # gcd(rows, prefill_rows) prompts) against the plain qwen2.KVCache path: same key, same tokens,
@@ -335,3 +336,16 @@ def test_segmented_decode_samples_what_the_generic_cache_samples(tiny, shared, c
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.mask, b.mask)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=TOL)
+
+
+@pytest.mark.parametrize("steps,first,ends", [
+    (0, 64, ()), (1, 64, (1,)), (64, 64, (64,)), (65, 64, (64, 65)), (255, 64, (64, 128, 255)),
+    (1023, 64, (64, 128, 256, 512, 1023)), (19, 8, (8, 16, 19)), (10, 1, (1, 2, 4, 8, 10))])
+def test_segment_ends_double_after_the_first_two(steps, first, ends):
+    # Segment lengths C, C, 2C, 4C, ...: 1 + ceil(log2(steps / C)) compiled copies of the step.
+    assert rollout.segment_ends(steps, first) == ends
+
+
+def test_segment_ends_rejects_a_bad_first_length():
+    with pytest.raises(ValueError, match="segment=0 is invalid"):
+        rollout.segment_ends(10, 0)
