@@ -22,7 +22,9 @@ preset and writes it, models/hf.py loads it, tunix and TRL load the same directo
   first_call  first calls in fresh processes, cold (a new empty JAX compilation cache,
               rlsoft.compile_cache) then warm (the directory the cold one filled): rlsoft's sampler
               and tunix's (one process, their order alternating by round), rlsoft's first RL step
-              (from the rl_step processes) and TRL's first step. Targets (issue 14): rlsoft's cold
+              (from the rl_step processes; its programs compiled concurrently before it, as the
+              driver's --compile_ahead does; --compile_ahead=false: call by call) and TRL's first
+              step. Targets (issue 14): rlsoft's cold
               first calls no slower than tunix's first call and TRL's first step.
   phases      what rlsoft's (and tunix's) first calls spent tracing, lowering and compiling or reading
               the cache (benchmarks.compile_log: JAX's compile log), medians over rounds.
@@ -70,6 +72,7 @@ class BenchConfig:
     group_size: int = 8
     micro_batches: int = 4
     learning_rate: float = 1e-5
+    compile_ahead: bool = True  # rlsoft's first RL step as the driver runs it (--compile_ahead, its default)
     trl_threads: int = 2
     seed: int = 0
     out: str = ""  # write the JSON here too
@@ -209,6 +212,8 @@ def worker_rl_rlsoft(cfg: BenchConfig) -> dict:
     for i in range(cfg.steps):
         t = time.perf_counter()
         with log if i == 0 else contextlib.nullcontext():
+            if i == 0 and cfg.compile_ahead:  # the step's programs compiled concurrently first, as the driver does
+                compile_cache.compile_ahead(testbed.lower(state, tcfg.sft_steps, 1, keys))
             state, metrics = testbed.train(state, tcfg.sft_steps + i, 1, keys)
             jax.block_until_ready(state)
         seconds.append(time.perf_counter() - t)
@@ -232,7 +237,8 @@ def run_worker(cfg: BenchConfig, worker: str, model_dir: str, compile_cache: str
     """`worker` in a fresh process (CPU, no forced devices, OMP_WAIT_POLICY=PASSIVE): its result and
     the process's wall time."""
     workload = {k: getattr(cfg, k) for k in ("batch", "prompt_len", "new_tokens", "parity_tokens", "questions",
-                                              "group_size", "micro_batches", "learning_rate", "steps", "trl_threads", "seed")}
+                                              "group_size", "micro_batches", "learning_rate", "compile_ahead", "steps", "trl_threads",
+                                              "seed")}
     argv = [f"--{k}={v}" for k, v in {**workload, **flags, "worker": worker, "model_dir": model_dir,
                                       "compile_cache": compile_cache}.items()]
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
