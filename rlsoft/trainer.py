@@ -239,12 +239,9 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
                     if cfg.ppo_epochs > 1 or needs_logp else None)
     old_logp = rollout_logp if cfg.ppo_epochs > 1 else None
     ref_logp = jax.lax.stop_gradient(log_probs(state.params("reference"), *seq)[0]) if cfg.kl_coef > 0 else None
-    if needs_logp:
-        seq_logp = group_sequence_log_probs(rollout_logp, batch.response_mask, q)
-        seq_ref = None if ref_logp is None else group_sequence_log_probs(ref_logp, batch.response_mask, q)
-        weights = group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau, seq_logp, seq_ref)
-    else:
-        weights = group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau)
+    seq_logp, seq_ref = (None if x is None or not needs_logp else group_sequence_log_probs(x, batch.response_mask, q)
+                         for x in (rollout_logp, ref_logp))
+    weights = group_weights(batch.rewards, cfg.scheme, cfg.tau, batch.tau, seq_logp, seq_ref)
     use_sl = cfg.sl_weight > 0 and batch.sl_responses.shape[0] > 0
     sl = (batch.sl_prompts, batch.sl_prompt_mask, batch.sl_responses, batch.sl_mask)
     xs = {
