@@ -100,10 +100,11 @@ def test_sampler_on_a_2x2x2_mesh_samples_what_one_device_samples():
     rows = ["data", "fsdp"]
     assert out["out_spec"] == [rows, None]
     # The decode cache: rows over data x fsdp, the tiny model's 2 KV heads over tensor=2, held so
-    # across a step (32 rows x 2 heads -> 8 x 1 per device).
+    # across a step (32 rows x 2 heads -> 8 x 1 per device). 19 decode steps in chunks of 8, 8 and 3
+    # slots (rollout.segment_ends: the last chunk holds only the steps left).
     for name in ("prefix_k", "prefix_v", "k", "v", "stepped_k", "stepped_v"):
         assert out[name] == [rows, "tensor", None, None], (name, out[name])
-    assert out["valid"] == [rows, None] and out["k_shard"] == [8, 1, 32, 8]
+    assert out["valid"] == [rows, None] and out["k_shard"] == [8, 1, 32, 3]
     # The weights' fsdp split is gathered once per call, not once per loop: left to XLA each of the 4
     # loops hoisted its own gathers (and held its own gathered copy), ~4 per fsdp-split weight.
     assert out["all_gathers"] <= out["param_leaves"], out["all_gathers"]
