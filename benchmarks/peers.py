@@ -237,8 +237,8 @@ def run_worker(cfg: BenchConfig, worker: str, model_dir: str, compile_cache: str
     """`worker` in a fresh process (CPU, no forced devices, OMP_WAIT_POLICY=PASSIVE): its result and
     the process's wall time."""
     workload = {k: getattr(cfg, k) for k in ("batch", "prompt_len", "new_tokens", "parity_tokens", "questions",
-                                              "group_size", "micro_batches", "learning_rate", "compile_ahead", "steps", "trl_threads",
-                                              "seed")}
+                                              "group_size", "micro_batches", "learning_rate", "compile_ahead",
+                                              "steps", "trl_threads", "seed")}
     argv = [f"--{k}={v}" for k, v in {**workload, **flags, "worker": worker, "model_dir": model_dir,
                                       "compile_cache": compile_cache}.items()]
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
