@@ -24,7 +24,8 @@ from envs import char_rewards, chartext, ngram
 from models import char_gpt
 from rlsoft import exhaustive_loop as xl
 from rlsoft.config import check, parse_flags
-from rlsoft.driver import Driver, RunConfig, RunError, prepare_run
+from rlsoft.driver import Driver, RunConfig
+from rlsoft.run_dir import RunError, prepare_run
 from rlsoft.logger import format_table
 
 PROG = "python -m experiments.char"

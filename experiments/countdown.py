@@ -26,7 +26,8 @@ from experiments.hf_task import (ModelError, change_line, eval_line, load_hf, qw
                                  run_and_report, stop_ids)
 from rlsoft import distributed, optim, rollout
 from rlsoft.config import check, parse_flags
-from rlsoft.driver import Driver, RunError, prepare_run
+from rlsoft.driver import Driver
+from rlsoft.run_dir import RunError, prepare_run
 from rlsoft.mesh import make_mesh
 from rlsoft.train_loop import PRECISIONS, LanguageTestbed, TrainConfig
 

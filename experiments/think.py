@@ -24,7 +24,8 @@ from envs import modadd
 from models import thinking
 from rlsoft import think_loop as tl
 from rlsoft.config import check, parse_flags
-from rlsoft.driver import Driver, RunConfig, RunError, prepare_run
+from rlsoft.driver import Driver, RunConfig
+from rlsoft.run_dir import RunError, prepare_run
 from rlsoft.logger import format_table
 from rlsoft.think_testbed import ThinkTestbed
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rlsoft import optim, roles
-from rlsoft.driver import Driver, RunConfig, RunError, prepare_run
+from rlsoft.driver import Driver, RunConfig
+from rlsoft.run_dir import RunError, prepare_run
 from tensorboard_events import read_scalars
 
 
