@@ -53,7 +53,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlsoft.rollout import categorical
+from rlsoft.categorical import categorical
 
 MIXINGS: tuple[str, ...] = ("pi", "uniform")
 
