@@ -134,6 +134,17 @@ STUDIES = {
     "countdown_quantile": dict(
         testbed="countdown", name="quantile", seeds=5, common="--checkpoint_every=0", arms=quantile_arms(),
         title="Countdown: Gaussian quantile and quantile -> softmax against GRPO whitening"),
+    # Each scheme over AdamW rates around the default 2e-4. Adam normalises the step per parameter,
+    # so unlike the bandit's SGD a scheme's weight scale barely sets its step size here: what is
+    # left to tune is the rate itself. Picked and scored on the same seeds (no held-out seeds: compute).
+    "countdown_lr": dict(
+        testbed="countdown", name="lr", seeds=5, common="--checkpoint_every=0", baseline="grpo@lr2e-4",
+        arms=arms(*[(f"{label}@lr{lr}", f"{flags} --learning_rate={lr}")
+                    for label, flags in (("grpo", "--scheme=linear"),
+                                         ("softmax_centered0.5", "--scheme=softmax_centered --tau=0.5"),
+                                         ("softmax0.25", "--scheme=softmax --tau=0.25"))
+                    for lr in ("1e-4", "2e-4", "4e-4")]),
+        title="Countdown: each scheme at AdamW learning rates 1e-4, 2e-4 (the default), 4e-4"),
     "countdown_teacher": dict(
         testbed="countdown", name="teacher", seeds=5, common="--preset=cold --checkpoint_every=0",
         arms=arms(("softmax", "--scheme=softmax --tau=0.5"),
