@@ -32,6 +32,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shutil
@@ -294,8 +295,12 @@ def bench_bandit(args):
     from rlsoft import bandit_sweep
     from rlsoft.sharding import make_mesh, shard_batch
     from oldv.envs import bandit as oenv
-    from oldv.rlsoft import categorical
     from oldv.rlsoft.sharding import make_mesh as o_make_mesh, shard_batch as o_shard_batch
+
+    try:  # the bandit trainer's module: rlsoft.bandit_sweep since c3aa3de, rlsoft.categorical before it
+        old_sweep = importlib.import_module("oldv.rlsoft.bandit_sweep")
+    except ModuleNotFoundError:
+        old_sweep = importlib.import_module("oldv.rlsoft.categorical")
 
     seeds, arms, steps, g, lr = args.seeds, args.arms, args.steps, 16, 3.0
     best = np.random.default_rng(0).integers(0, arms, size=seeds)
@@ -312,13 +317,17 @@ def bench_bandit(args):
         compiled = sweep_mod.sweep.lower(hps, envs, keys, **kw).compile()
         return lambda: jax.device_get(compiled(hps, envs, keys))
 
-    old_run = build(categorical, oenv, o_make_mesh, o_shard_batch)
+    old_run = build(old_sweep, oenv, o_make_mesh, o_shard_batch)
     new_run = build(bandit_sweep, nenv, make_mesh, shard_batch)
     om, nm = old_run(), new_run()
-    op, np_ = np.asarray(om["p_best"])[0], np.asarray(nm["eval/p_best"])[0]
+
+    def metric(m, name):  # older trees name the metrics without their eval/ and train/ prefixes
+        return np.asarray(m[name] if name in m else m[name.split("/", 1)[1]])
+
+    op, np_ = metric(om, "eval/p_best")[0], metric(nm, "eval/p_best")[0]
     check = {"p_best_max_abs_diff": float(np.max(np.abs(op - np_))),
              "final_p_best_mean": {"old": float(op[:, -1].mean()), "new": float(np_[:, -1].mean())},
-             "loss_max_abs_diff": float(np.max(np.abs(np.asarray(om["loss"]) - np.asarray(nm["train/loss"])))),
+             "loss_max_abs_diff": float(np.max(np.abs(metric(om, "train/loss") - metric(nm, "train/loss")))),
              "metrics": {"old": len(om), "new": len(nm)}, "jax_devices": jax.device_count()}
     return old_run, new_run, check, dict(seeds=seeds, arms=arms, steps=steps, group_size=g, lr=lr)
 

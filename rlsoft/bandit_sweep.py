@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlsoft import categorical, optim, weighting
+from rlsoft import optim, sampling, weighting
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -124,9 +124,9 @@ def grads_all_finite(grads: chex.Array, actions: chex.Array) -> chex.Array:
 
 def step_randomness(key: chex.PRNGKey, group_size: int) -> tuple[chex.Array, chex.PRNGKey]:
     """A step's randomness from its key fold_in(policy_key, step): the [1, G] uniforms its actions
-    are drawn with (as `categorical.categorical(sample_key, ...)` draws them) and the reward key."""
+    are drawn with (as `sampling.categorical(sample_key, ...)` draws them) and the reward key."""
     sample_key, reward_key = jax.random.split(key)
-    return categorical.sampling_uniforms(sample_key, 1, group_size), reward_key
+    return sampling.sampling_uniforms(sample_key, 1, group_size), reward_key
 
 
 def run_randomness(policy_key: chex.PRNGKey, num_steps: int, group_size: int):
@@ -169,7 +169,7 @@ def step_given(
     logits = state.logits
     z = logits[None]  # [1,K]: the sampler's row; softmax of the same row shares its exp (XLA CSE)
     probs = jax.nn.softmax(z)[0]
-    actions = categorical.inverse_cdf(uniforms, z)[0]
+    actions = sampling.inverse_cdf(uniforms, z)[0]
     rewards = reward_fn(env, reward_key, actions)
     logp_actions = jnp.log(probs[actions])  # exact: the policy that drew them (gvpo, tpo)
     weights = weighting.compute_weights_by_index(rewards, hp.scheme_index, hp.tau, logp_actions, among=schemes)

@@ -53,7 +53,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlsoft.categorical import categorical
+from rlsoft.sampling import categorical
 
 MIXINGS: tuple[str, ...] = ("pi", "uniform")
 

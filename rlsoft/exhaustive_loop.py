@@ -33,7 +33,7 @@ import optax
 
 from rlsoft import exhaustive, monitors, optim, roles, weighting
 from rlsoft.roles import TrainState
-from rlsoft.categorical import categorical
+from rlsoft.sampling import categorical
 from rlsoft.config import check
 
 MODES = ("exhaustive", "sampled")

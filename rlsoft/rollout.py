@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlsoft.categorical import categorical, filter_logits, is_int
+from rlsoft.sampling import categorical, filter_logits, is_int
 from rlsoft.mesh import constrain, under_mesh, without_axis
 
 Params = Any

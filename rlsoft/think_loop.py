@@ -46,7 +46,7 @@ import optax
 from rlsoft import losses, optim, roles, thought_search, weighting
 from rlsoft.config import check, check_finite
 from rlsoft.roles import TrainState
-from rlsoft.categorical import categorical
+from rlsoft.sampling import categorical
 
 SEARCHES = ("sample", "enumerate", "mctx")
 _ENUMERATE_LIMIT = 4096  # sequences per question: beyond this, use --search=mctx
@@ -153,7 +153,7 @@ def canonical_sequences(fns: ThinkFns) -> np.ndarray:
 
 def sample_thoughts(key: chex.PRNGKey, logits_at: Callable, n: int, fns: ThinkFns, epsilon: chex.Numeric,
                     token_epsilon: float, first_logits: Optional[chex.Array] = None) -> chex.Array:
-    """n thought sequences [n,T], token by token with `rlsoft.categorical.categorical`.
+    """n thought sequences [n,T], token by token with `rlsoft.sampling.categorical`.
 
     `logits_at(thoughts [n,T], t) -> [n,A]` (causal: reads thoughts[:, :t] only). The first
     position reads the question alone, so a caller may pass its logits [n,A] computed once per

@@ -10,7 +10,7 @@ import pytest
 
 from envs import bandit as bandit_env
 from experiments import bandit as bandit_exp
-from rlsoft import bandit_sweep, categorical, optim, weighting
+from rlsoft import bandit_sweep, optim, sampling, weighting
 from tensorboard_events import read_scalars
 
 K, S, T, G = 20, 3, 15, 8
@@ -120,7 +120,7 @@ def test_non_finite_updates_are_skipped_and_counted(optimizer):
     @jax.jit
     def replay(env, state, key):  # the step, and whether any entry of its gradient is not finite
         uniforms, reward_key = bandit_sweep.step_randomness(key, G)
-        actions = categorical.inverse_cdf(uniforms, state.logits[None])[0]
+        actions = sampling.inverse_cdf(uniforms, state.logits[None])[0]
         w = weighting.compute_weights_by_index(bandit_env.pull(env, reward_key, actions), hp.scheme_index, hp.tau)
         grads = bandit_sweep.weighted_nll_grad(jax.nn.softmax(state.logits), actions, w)
         return bandit_sweep.policy_step(hp, env, state, key, **kw)[0], ~jnp.all(jnp.isfinite(grads))

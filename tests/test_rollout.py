@@ -15,7 +15,7 @@ from flax import nnx
 
 from models.qwen2 import Qwen2, Qwen2Config
 from models.qwen2_decode import decode_fns
-from rlsoft import categorical, rollout
+from rlsoft import rollout, sampling
 from rlsoft.rollout import SamplingConfig
 
 N = 10  # new tokens
@@ -203,8 +203,8 @@ def test_top_k_and_top_p_stay_in_their_sets(tiny):
 
 
 def _draws(z, n, chunk=100_000):
-    """n draws from the one row z [V] by `categorical.categorical`'s group form, in chunks (memory)."""
-    return np.concatenate([np.asarray(categorical.categorical(jax.random.PRNGKey(c), z[None], min(chunk, n - c))[0])
+    """n draws from the one row z [V] by `sampling.categorical`'s group form, in chunks (memory)."""
+    return np.concatenate([np.asarray(sampling.categorical(jax.random.PRNGKey(c), z[None], min(chunk, n - c))[0])
                            for c in range(0, n, chunk)])
 
 
@@ -236,11 +236,11 @@ def test_categorical_group_form_is_the_row_form_on_repeated_rows():
     for vocab in (65, 1000, 5000):
         z = jax.random.normal(jax.random.PRNGKey(vocab), (6, vocab)) * 3.0
         key, n = jax.random.PRNGKey(1), 16
-        grouped = categorical.categorical(key, z, n)
-        assert grouped.shape == (6, n) and categorical.categorical(key, z).shape == (6,)
-        np.testing.assert_array_equal(grouped, categorical.categorical(key, jnp.repeat(z, n, axis=0)).reshape(6, n))
+        grouped = sampling.categorical(key, z, n)
+        assert grouped.shape == (6, n) and sampling.categorical(key, z).shape == (6,)
+        np.testing.assert_array_equal(grouped, sampling.categorical(key, jnp.repeat(z, n, axis=0)).reshape(6, n))
     with pytest.raises(ValueError, match="num_samples"):
-        categorical.categorical(key, z, 0)
+        sampling.categorical(key, z, 0)
 
 
 def test_categorical_is_inverse_cdf_of_its_uniforms():
@@ -248,9 +248,9 @@ def test_categorical_is_inverse_cdf_of_its_uniforms():
     for vocab, n in ((7, None), (1000, 16), (5000, 3)):
         z = (jax.random.normal(jax.random.PRNGKey(vocab), (4, vocab)) * 3.0).at[:, ::5].set(-jnp.inf)
         key = jax.random.PRNGKey(2)
-        u = categorical.sampling_uniforms(key, 4, n or 1)
-        drawn = categorical.inverse_cdf(u, z)
-        np.testing.assert_array_equal(categorical.categorical(key, z, n), drawn if n else drawn[:, 0])
+        u = sampling.sampling_uniforms(key, 4, n or 1)
+        drawn = sampling.inverse_cdf(u, z)
+        np.testing.assert_array_equal(sampling.categorical(key, z, n), drawn if n else drawn[:, 0])
 
 
 def test_group_sampling_with_shared_prompt_cache(tiny, count_compiles):
