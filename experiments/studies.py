@@ -151,6 +151,11 @@ STUDIES = {
                   ("sl0.1", "--scheme=softmax --tau=0.5 --sl_weight=0.1"),
                   ("sl1", "--scheme=softmax --tau=0.5 --sl_weight=1"),
                   ("inject_gt", "--scheme=softmax --tau=0.5 --inject_gt")),
+        comparisons="inject_gt - sl1",
+        # train/success@end: the sampled (T = 1) success of the last 10% of RL steps, beside greedy eval.
+        metrics=("eval/success", "eval/mean_at_k", "train/success@end", "train/reward@mean",
+                 "train/weights/effective_n@mean", "train/entropy@end", "train/completions/mean_length@end",
+                 "train/grad_norm@mean"),
         title="Countdown, cold start: does teacher forcing (sl_weight, ground truth in the group) lift 0%?"),
 }
 
