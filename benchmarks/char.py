@@ -14,6 +14,10 @@
                   scored at the position that predicts c; a lax.scan over 65 / K steps of K candidates x
                   B contexts (each K of `candidates_per_pass` is timed; the fastest is the baseline of
                   the ratios). One step per call (its scan already spans 65 passes).
+  population_P    (--population=P > 1) the same chunk over a population of P seeds vmapped in one
+                  program (what `--population=P` of experiments.char runs), reported per member-step,
+                  so its contexts/s compare with `exhaustive`'s (P separate runs) directly;
+                  `population_vs_separate` is the per-round ratio (> 1: the population pays).
 The baseline's model is the same preset with block_size = context + 1, so that [context, c] fits.
 Before timing, on its params and the first batch, its gradient is compared with the gradient of
 the testbed's loss (rlsoft.exhaustive_loop.step_loss; at the first step the lagged policy is the
@@ -62,10 +66,13 @@ class BenchConfig:
     candidates_per_pass: tuple[int, ...] = (1, 5, 13)  # must divide 65
     text_file: str = SHARED_TEXT
     seed: int = 0
+    population: int = 0  # > 1: also time a population of this many seeds in one program
 
     def __post_init__(self):
         check(self.rounds >= 1, f"rounds={self.rounds} is invalid; need >= 1")
         check(0 <= self.seed < 2**31, f"seed={self.seed} is invalid; need 0 <= seed < 2**31")
+        check(self.population == 0 or self.population >= 2,
+              f"population={self.population} is invalid; need 0 (off) or >= 2")
         check(len(self.candidates_per_pass) > 0 and all(k >= 1 for k in self.candidates_per_pass),
               f"candidates_per_pass={self.candidates_per_pass} is invalid; need divisors of the vocabulary")
         # The experiment's own checks: preset, batch, context, scheme, tau, learning rate, text file.
@@ -113,6 +120,16 @@ def main(argv=None) -> dict:
     runs = {"exhaustive": stepper(xl.make_train_chunk(fns, ccfg, monitor_cfg, cfg.chunk),
                                   xl.init_state(params, ccfg, monitor_cfg), data_key, explore_key)}
     steps_per_call = {"exhaustive": cfg.chunk}
+    if cfg.population:
+        pop = f"population_{cfg.population}"
+        mcfg = char_exp.model_config(ccfg, vocab)
+        members = [xl.init_state(char_gpt.init_model(mcfg, cfg.seed + p)[1], ccfg, monitor_cfg)
+                   for p in range(cfg.population)]
+        keys = [jax.random.split(jax.random.fold_in(data_key, p)) for p in range(cfg.population)]
+        runs[pop] = stepper(xl.make_train_chunk(fns, ccfg, monitor_cfg, cfg.chunk, population=True),
+                            jax.tree.map(lambda *xs: jax.numpy.stack(xs), *members),
+                            jax.numpy.stack([k[0] for k in keys]), jax.numpy.stack([k[1] for k in keys]))
+        steps_per_call[pop] = cfg.chunk * cfg.population  # member-steps per call
 
     # The baseline: the same preset with room for [context, c], and the task's batch and rewards.
     bcfg = char_gpt.CharGPTConfig.preset(cfg.model_preset, vocab_size=vocab, block_size=cfg.context + 1)
@@ -153,6 +170,8 @@ def main(argv=None) -> dict:
         "first_call_seconds": {name: round(v, 2) for name, v in first_s.items()},
         "baseline": baseline,
         "speedup_vs_baseline": round(speedup, 1),
+        "population_vs_separate": (round(float(np.median(per_step["exhaustive"] / per_step[pop])), 3)
+                                   if cfg.population else None),
         "check": {"grad_rel_diff": grad_rel_diff, "k": k0, "loss_per_candidate": float(pc_loss)},
         "first_chunk_last_step": {k: round(ex_metrics[f"train/{k}"], 4) for k in
                                   ("loss", "entropy", "expected_reward", "accuracy", "grad_norm")},
@@ -164,7 +183,8 @@ def main(argv=None) -> dict:
     for name in runs:
         per_candidate = name.startswith("per_candidate")
         label = (f"per-candidate, {name.split('_k')[1]} candidates / pass" if per_candidate
-                 else f"experiments.char step ({cfg.chunk} steps / call)")
+                 else f"experiments.char step, population of {cfg.population} (per member-step)"
+                 if name.startswith("population") else f"experiments.char step ({cfg.chunk} steps / call)")
         rows.append(dict(impl=label, passes_per_context=vocab if per_candidate else 1, contexts_per_s=rate[name],
                          s_per_step=sec[name],
                          vs_baseline=float(np.median(per_step[baseline] / per_step[name]))))

@@ -9,7 +9,8 @@ gradient is taken from one forward pass (`--mode=sampled` draws G characters ins
 clipping against a lagged policy, an entropy bonus and a KL to the bigram distribution regularise
 it; the health monitors warn on the console. Eval reports cross-entropy and top-1 accuracy
 on the held-out split beside the n-gram ladder, and a text sample. Without --text_file the data
-comes from tensorflow-datasets (`tiny_shakespeare`), which needs a download.
+comes from tensorflow-datasets (`tiny_shakespeare`), which needs a download. `--population=P`
+trains seeds seed .. seed+P-1 in one compiled program (member p = the run of seed + p).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class CharConfig(xl.ExhaustiveConfig, RunConfig):
     batch_size: int = 64
     steps: int = 2000
     chunk: int = 100  # steps per compiled call (one lax.scan); the driver logs between calls
+    population: int = 1  # seeds seed .. seed+P-1 trained together (vmap)
     policy: xl.optim.OptimizerConfig = xl.optim.OptimizerConfig(name="adam", learning_rate=3e-3)
     kl_coef: float = 0.0
     w_exact: float = 1.0
@@ -62,6 +64,7 @@ class CharConfig(xl.ExhaustiveConfig, RunConfig):
         check(self.context >= 1, f"context={self.context} is invalid; need >= 1")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} is invalid; need >= 1")
         check(self.steps >= 1 and self.chunk >= 1, f"steps={self.steps}, chunk={self.chunk} are invalid; need >= 1")
+        check(self.population >= 1, f"population={self.population} is invalid; need >= 1")
         check(self.eval_chars >= 0, f"eval_chars={self.eval_chars} is invalid; need >= 0")
         check(self.eval_batch >= 1, f"eval_batch={self.eval_batch} is invalid; need >= 1")
         check(self.sample_chars >= 0, f"sample_chars={self.sample_chars} is invalid; need >= 0")
@@ -84,14 +87,13 @@ PRESETS = {
 
 
 def build(cfg: CharConfig):
-    """Data, n-gram reference, model and the testbed's device functions (nothing compiled yet)."""
+    """Data, n-gram reference, model (seed cfg.seed) and the testbed's device functions (nothing
+    compiled yet)."""
     data = chartext.load_char_data(cfg.text_file or None, cfg.data_dir or None)
     v = data.vocab.size
     bigram = ngram.NGramModel(2, cfg.smoothing).fit(data.train, v)
     table = bigram.table()
-    mcfg = char_gpt.CharGPTConfig.preset(cfg.model_preset, vocab_size=v,
-                                         block_size=max(cfg.context, 1))
-    graphdef, params = char_gpt.init_model(mcfg, cfg.seed)
+    graphdef, params = char_gpt.init_model(model_config(cfg, v), cfg.seed)
     logits_fn = char_gpt.logits_fn(graphdef)
     train = jnp.asarray(data.train)
     rcfg = cfg.reward_config()
@@ -110,17 +112,25 @@ def build(cfg: CharConfig):
     return data, params, fns
 
 
+def model_config(cfg: CharConfig, vocab_size: int) -> char_gpt.CharGPTConfig:
+    return char_gpt.CharGPTConfig.preset(cfg.model_preset, vocab_size=vocab_size, block_size=max(cfg.context, 1))
+
+
 def make_driver(cfg: CharConfig) -> tuple[Driver, chartext.CharData]:
     """The run directory checked first (nothing built before), then data, model, testbed, driver."""
     run_dir = prepare_run(cfg, "char")
     data, params, fns = build(cfg)
     chartext.validate_splits(data, cfg.context)
+    mcfg = model_config(cfg, data.vocab.size)
+
+    def init_params(seed: int):
+        return params if seed == cfg.seed else char_gpt.init_model(mcfg, seed)[1]
 
     def windows(limit: int):
         ids = data.validation[: limit + cfg.context] if limit else data.validation
         return chartext.eval_windows(ids, cfg.context, batch=cfg.eval_batch)
 
-    return Driver(xl.NextTokenTestbed(cfg, fns, params, windows, total_steps=cfg.steps), cfg, run_dir), data
+    return Driver(xl.NextTokenTestbed(cfg, fns, init_params, windows, total_steps=cfg.steps), cfg, run_dir), data
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -139,20 +149,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"stopped at step {driver.step}; resume with --resume", file=sys.stderr)
         raise SystemExit(128 + driver.stopped)
     testbed, fns = driver.testbed, driver.testbed.fns
+    members = testbed.evaluate_members(driver.state, limit=0)
     final = testbed.evaluate(driver.state, limit=0)
     sampler = xl.make_text_sampler(fns.logits_fn, cfg.context, cfg.sample_chars)
     prompt = jnp.asarray(data.validation[: cfg.context])
-    text = data.vocab.decode(np.asarray(sampler(driver.state.params("policy"), prompt, driver.keys["sample"])))
+    # The sample: the first member's (the seed's own run).
+    text = data.vocab.decode(np.asarray(sampler(testbed.member_params(driver.state), prompt, driver.keys["sample"])))
     rows = [dict(model=f"{r.order}-gram", cross_entropy=r.nats, perplexity=float(np.exp(r.nats)), top1=r.top1)
             for r in ladder]
-    rows.append(dict(model=f"char GPT, RL ({cfg.scheme}, {cfg.mode})", cross_entropy=final["eval/cross_entropy"],
-                     perplexity=final["eval/perplexity"], top1=final["eval/top1"]))
+    for p, seed in enumerate(testbed.seeds):
+        who = f", seed {seed}" if testbed.population else ""
+        rows.append(dict(model=f"char GPT, RL ({cfg.scheme}, {cfg.mode}{who})",
+                         cross_entropy=float(members["eval/cross_entropy"][p]),
+                         perplexity=float(members["eval/perplexity"][p]), top1=float(members["eval/top1"][p])))
     print(format_table(rows))
     print("sample:\n" + text)
     if driver.logger is not None:
         driver.logger.text(driver.step, "sample", text)
     driver.close()
-    return dict(final=final, ladder=ladder, history=result.history, sample=text, state=driver.state,
+    return dict(final=final, members=members, ladder=ladder, history=result.history, sample=text, state=driver.state,
                 run_dir=driver.run_dir.path)
 
 

@@ -117,10 +117,10 @@ STUDIES = {
                                       "no_think"], comparisons="no_think - blind_super_clean [accuracy]"),
     "char_tau": dict(
         testbed="char", name="tau", seeds=5, common=CHAR,
-        arms=arms(("grpo", "--scheme=linear"), ("softmax0.25", "--scheme=softmax --tau=0.25"),
-                  ("softmax0.5", "--scheme=softmax --tau=0.5"), ("softmax1", "--scheme=softmax --tau=1")),
-        metrics=("eval/cross_entropy", "eval/top1", "train/expected_reward@end", "train/weights/effective_n@end"),
-        title="Char GPT by RL from random weights: GRPO whitening vs softmax(R/tau), 500 steps"),
+        arms=tau_arms() + "; auto: --scheme=softmax --tau=auto",
+        metrics=("eval/cross_entropy", "eval/top1", "train/expected_reward@end", "train/weights/effective_n@end",
+                 "train/entropy@end"),
+        title="Char GPT by RL from random weights: GRPO whitening vs softmax(R/tau) and tau = auto, 500 steps"),
     "countdown_tau": dict(
         # softmax_centered0.5: the same weights minus their mean (zero-sum), the drift diagnostic.
         testbed="countdown", name="tau", seeds=5, common="--checkpoint_every=0", arms=tau_arms() + "; auto: "

@@ -17,7 +17,10 @@ How each testbed runs its (arm, seed) pairs, the fastest way its shapes allow:
              bandit's seed index i under its root key --seed (default 0; a --seed in the
              common flags draws new bandits), so first_seed must be 0
   think      one program per arm: its seeds as a population (`--population`; member p = seed p)
-  char, countdown   one run per (arm, seed), `--seed=s`, in this process
+  char       on an accelerator as think; on a CPU one run per (arm, seed), the faster there
+             (`python -m benchmarks.char --population=5`: 0.80-0.91x the steps/s of 5 separate runs);
+             `--population=true` / `false` forces either
+  countdown  one run per (arm, seed), `--seed=s`, in this process
 Scores: the final eval metrics (eval/*) of each run, and train/* metrics averaged over the last
 10% of steps (train/*@end) and over the whole run (train/*@mean; the bandit's eval/p_best@mean,
 the area under its exact learning curve, says how fast it learned); curves (<= 100 points, 6
@@ -72,7 +75,7 @@ class SweepConfig:
     comparisons: str = ""  # more paired differences: "armA - armB [metric]; ..."
     title: str = ""
     out: str = "results"
-    population: bool = True  # bandit / think: seeds (and bandit arms) in one program
+    population: str = "auto"  # seeds (bandit: and arms) in one program: auto (bandit, think; char off a CPU), true, false
     allow_changed: bool = False  # keep runs of an arm whose flags changed
     table_only: bool = False
 
@@ -83,6 +86,8 @@ class SweepConfig:
             return
         check(sw.ARM_NAME.match(self.name) is not None, f"name={self.name!r} is invalid; use letters, digits, _ . -")
         check(self.seeds >= 1, f"seeds={self.seeds} is invalid; need >= 1")
+        check(self.population in ("auto", "true", "false"),
+              f"population={self.population!r} is invalid; allowed: auto, true, false")
         check(self.first_seed >= 0, f"first_seed={self.first_seed} is invalid; need >= 0")
         arms = sw.parse_arms(self.arms)  # SweepError is a ValueError: one line, exit 2
         check(not self.baseline or self.baseline in {a.name for a in arms},
@@ -116,10 +121,12 @@ def _module(testbed: str):
 
 
 # ---- scores and curves from a driver history ---------------------------------------------------
-def history_scores(history: list[dict], prefix_map: Callable[[str], Optional[str]] = lambda k: k, train: bool = True):
+def history_scores(history: list[dict], prefix_map: Callable[[str], Optional[str]] = lambda k: k, train: bool = True,
+                   train_map: Callable[[str], Optional[str]] = lambda k: k):
     """(final, curves) from a driver history: the last eval row's eval/* metrics (renamed by
-    `prefix_map`, None drops one), train/* means over the last 10% of steps (as train/*@end), and
-    curves of both (train/* thinned to MAX_POINTS). `train=False` leaves train/* out."""
+    `prefix_map`, None drops one), train/* means over the last 10% of steps (as train/*@end; renamed
+    by `train_map`), and curves of both (train/* thinned to MAX_POINTS). `train=False` leaves
+    train/* out."""
     final, curves = {}, {}
     evals = [r for r in history if any(k.startswith("eval/") for k in r)]
     for k, v in (evals[-1] if evals else {}).items():
@@ -135,13 +142,16 @@ def history_scores(history: list[dict], prefix_map: Callable[[str], Optional[str
     tail = train[-max(1, len(train) // 10):]
     every = max(1, len(train) // MAX_POINTS)
     for k in sorted({k for r in train for k in r if k.startswith("train/")}):
+        name = train_map(k)
+        if name is None:
+            continue
         vals = [float(r[k]) for r in tail if k in r and np.ndim(r[k]) == 0]
         if vals:
-            final[f"{k}@end"] = float(np.mean(vals))
-            final[f"{k}@mean"] = float(np.mean([float(r[k]) for r in train if k in r and np.ndim(r[k]) == 0]))
+            final[f"{name}@end"] = float(np.mean(vals))
+            final[f"{name}@mean"] = float(np.mean([float(r[k]) for r in train if k in r and np.ndim(r[k]) == 0]))
         pts = [[float(r["step"]), _round(r[k])] for r in train[::every] if k in r and np.ndim(r[k]) == 0]
-        if pts and k in CURVES:
-            curves[k] = pts
+        if pts and name in CURVES:
+            curves[name] = pts
     return final, curves
 
 
@@ -191,11 +201,48 @@ def _contiguous(seeds: list[int]) -> list[list[int]]:
     return blocks
 
 
+def member_names(p: int, population: int) -> Callable[[str], Optional[str]]:
+    """Member p's metrics of a population's history under a single run's names
+    (<head>/member<p>/<m> -> <head>/<m>; the members' means are dropped); a run of one: as logged."""
+    if population == 1:
+        return lambda k: k
+
+    def rename(k: str) -> Optional[str]:
+        head, _, rest = k.partition("/")
+        member, _, name = rest.partition("/")
+        return f"{head}/{name}" if member == f"member{p}" and name else None
+
+    return rename
+
+
+def run_char(cfg: SweepConfig, todo: dict[str, list[int]]):
+    """char: each arm's pending seeds as populations of contiguous seeds where populations pay (module
+    docstring), scored from each member's own eval and train metrics, exactly as its own run."""
+    import jax
+
+    if cfg.population == "false" or (cfg.population == "auto" and jax.default_backend() == "cpu"):
+        yield from run_single(cfg, todo)
+        return
+    main = _module("char").main
+    for arm in cfg.arm_list:
+        for block in _contiguous(todo.get(arm.name, [])):
+            flags = cfg.common.split() + list(arm.flags) + [f"--seed={block[0]}", f"--population={len(block)}",
+                                                            "--progress=false"]
+            start = time.time()
+            result = main(flags)
+            for p, seed in enumerate(block):
+                rename = member_names(p, len(block))
+                final, curves = history_scores(result["history"], rename, train_map=rename)
+                program = f"population of {len(block)} seeds" if len(block) > 1 else "one run"
+                yield _record(arm, seed, flags, final, curves, start, program)
+
+
 def run_think(cfg: SweepConfig, todo: dict[str, list[int]]):
     """think: each arm's pending seeds as populations of contiguous seeds (member p = seed + p)."""
     main = _module("think").main
     for arm in cfg.arm_list:
-        blocks = _contiguous(todo.get(arm.name, [])) if cfg.population else [[s] for s in todo.get(arm.name, [])]
+        blocks = (_contiguous(todo.get(arm.name, [])) if cfg.population != "false"
+                  else [[s] for s in todo.get(arm.name, [])])
         for block in blocks:
             flags = cfg.common.split() + list(arm.flags) + [f"--seed={block[0]}", f"--population={len(block)}",
                                                             "--progress=false"]
@@ -253,7 +300,7 @@ def run_bandit(cfg: SweepConfig, todo: dict[str, list[int]]):
         if arm.name in todo:
             bcfg, hps, flags = bandit_arm(cfg, arm)
             rest = {k: v for k, v in config_to_dict(bcfg).items() if k not in ("schemes", "taus", "lrs", "ref_lr")}
-            key = repr(sorted(rest.items())) if cfg.population else arm.name
+            key = repr(sorted(rest.items())) if cfg.population != "false" else arm.name
             groups.setdefault(key, []).append((arm, bcfg, hps, flags))
     for members in groups.values():
         start = time.time()
@@ -276,7 +323,7 @@ def run_bandit(cfg: SweepConfig, todo: dict[str, list[int]]):
                 yield _record(arm, seed, flags, final, curves, start, program)
 
 
-RUNNERS = {"bandit": run_bandit, "char": run_single, "countdown": run_single, "think": run_think}
+RUNNERS = {"bandit": run_bandit, "char": run_char, "countdown": run_single, "think": run_think}
 
 
 def validate_arms(cfg: SweepConfig) -> None:

@@ -14,7 +14,8 @@ gradient) or q = 1/V ("uniform"). The lagged policy is refreshed every `lag_ever
 clip_eps = 0 the policy term is `exhaustive.exhaustive_objective` of the current policy.
 
 The loop is `lax.scan` over `chunk` steps inside one jit (PureJaxRL style); the host only logs
-between chunks. It knows no model and no task: `logits_fn(params, contexts[B,C]) -> [B,V]`,
+between chunks. A population of P seeds (`cfg.population`) vmaps that scan over a leading member
+axis: member p is exactly the run of seed `cfg.seed + p` (its own init and PRNG streams). It knows no model and no task: `logits_fn(params, contexts[B,C]) -> [B,V]`,
 `batch_fn(key) -> (contexts, targets)`, `reward_fn(contexts, targets, probs) -> [B,V]` and
 `ref_log_probs_fn(contexts) -> [B,V]` are pure jnp functions.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional
 
 import chex
 import numpy as np
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from rlsoft import exhaustive, monitors, optim, roles, weighting
+from rlsoft.driver import stream_keys
 from rlsoft.roles import TrainState
 from rlsoft.sampling import categorical
 from rlsoft.config import check
@@ -42,7 +44,7 @@ MODES = ("exhaustive", "sampled")
 @dataclasses.dataclass(frozen=True)
 class ExhaustiveConfig:
     scheme: str = "softmax"
-    tau: float = 0.5
+    tau: float | str = 0.5  # or "auto" (rlsoft.weighting.resolve_tau)
     mode: str = "exhaustive"
     mixing: str = "uniform"
     group_size: int = 8  # sampled mode only
@@ -162,9 +164,11 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
                       monitors.update(state.extra, health)), metrics
 
 
-def make_train_chunk(task: NextTokenFns, cfg: ExhaustiveConfig, monitor_cfg: monitors.MonitorConfig, chunk: int):
+def make_train_chunk(task: NextTokenFns, cfg: ExhaustiveConfig, monitor_cfg: monitors.MonitorConfig, chunk: int,
+                     population: bool = False):
     """`chunk` steps as one jitted `lax.scan`: (state, data_key, explore_key) -> (state, metrics [chunk]).
-    Step t draws its batch with fold_in(data_key, t) and explores with fold_in(explore_key, t)."""
+    Step t draws its batch with fold_in(data_key, t) and explores with fold_in(explore_key, t).
+    `population`: vmapped over a leading member axis of the state, both keys and the metrics."""
     step = functools.partial(train_step, task=task, cfg=cfg, monitor_cfg=monitor_cfg)
 
     def run(state: TrainState, data_key: jax.Array, explore_key: jax.Array):
@@ -174,20 +178,20 @@ def make_train_chunk(task: NextTokenFns, cfg: ExhaustiveConfig, monitor_cfg: mon
 
         return jax.lax.scan(body, state, None, length=chunk)
 
-    return jax.jit(run, donate_argnums=0)
+    return jax.jit(jax.vmap(run) if population else run, donate_argnums=0)
 
 
-def make_evaluator(logits_fn):
+def make_evaluator(logits_fn, population: bool = False):
     """Jitted (params, contexts [B,C], targets [B], valid [B]) -> (sum of -log p(target), correct),
-    summed over the valid rows (a padded last batch keeps one compiled shape)."""
+    summed over the valid rows (a padded last batch keeps one compiled shape); `population`: params
+    and both outputs carry a leading member axis."""
 
-    @jax.jit
     def evaluate(params, contexts, targets, valid):
         logp = jax.nn.log_softmax(logits_fn(params, contexts))
         nll = -jnp.take_along_axis(logp, targets[:, None], axis=1)[:, 0]
         return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid & (jnp.argmax(logp, -1) == targets))
 
-    return evaluate
+    return jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)) if population else evaluate)
 
 
 def make_text_sampler(logits_fn, context: int, length: int, temperature: float = 1.0):
@@ -207,26 +211,41 @@ def make_text_sampler(logits_fn, context: int, length: int, temperature: float =
 
 
 class NextTokenTestbed:
-    """A `rlsoft.driver.Testbed`: `cfg.chunk` compiled steps per call, eval on held-out windows.
+    """A `rlsoft.driver.Driver` testbed: `cfg.chunk` compiled steps per call, eval on held-out windows.
 
-`cfg` is an ExhaustiveConfig with `batch_size`, `chunk`, `eval_chars` and `eval_batch` fields.
-
+    `cfg` is an ExhaustiveConfig with `seed`, `batch_size`, `chunk`, `eval_chars` and `eval_batch`
+    fields (and `population`, default 1). `init_params(seed)` gives a member's initial parameters;
     `eval_windows(limit) -> iterable of (contexts [b,C], targets [b])` (numpy) comes from the task;
     the testbed pads the last batch to one compiled shape.
+
+    A population (P > 1) trains seeds seed .. seed+P-1 in one program, each member with the PRNG
+    streams of its own seed (`driver.stream_keys`), so member p equals the run of seed + p. Its
+    training metrics are the members' mean (train/<m>) and each member's (train/member<p>/<m>);
+    eval likewise (eval/<m>, eval/member<p>/<m>); health warnings name the member.
     """
 
     streams = ("data", "explore", "sample")
     progress_keys = ("train/loss", "train/accuracy", "train/entropy", "eval/cross_entropy", "eval/perplexity")
 
-    def __init__(self, cfg, fns: NextTokenFns, params: Any, eval_windows: Callable, total_steps: int,
-                 monitor_cfg: monitors.MonitorConfig = monitors.MonitorConfig()):
-        self.cfg, self.fns, self.params, self.eval_windows = cfg, fns, params, eval_windows
+    def __init__(self, cfg, fns: NextTokenFns, init_params: Callable[[int], Any], eval_windows: Callable,
+                 total_steps: int, monitor_cfg: monitors.MonitorConfig = monitors.MonitorConfig()):
+        self.cfg, self.fns, self.init_params, self.eval_windows = cfg, fns, init_params, eval_windows
         self.total_steps, self.monitor_cfg = total_steps, monitor_cfg
+        self.seeds = [cfg.seed + p for p in range(getattr(cfg, "population", 1))]
+        self.population = len(self.seeds) > 1
+        members = [stream_keys(seed, self.streams) for seed in self.seeds]
+        self.member_keys = {k: jnp.stack([m[k] for m in members]) for k in self.streams}
         self._chunks: dict[int, Callable] = {}  # one compiled scan per length (the chunk, a remainder)
-        self._evaluator = make_evaluator(fns.logits_fn)
+        self._evaluator = make_evaluator(fns.logits_fn, self.population)
 
     def init_state(self) -> TrainState:
-        return init_state(self.params, self.cfg, self.monitor_cfg)
+        states = [init_state(self.init_params(seed), self.cfg, self.monitor_cfg) for seed in self.seeds]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *states) if self.population else states[0]
+
+    def member_params(self, state: TrainState, p: int = 0) -> Any:
+        """Member p's policy parameters (the only member of a run of one)."""
+        params = state.params("policy")
+        return jax.tree.map(lambda x: x[p], params) if self.population else params
 
     def steps_per_call(self) -> int:
         return self.cfg.chunk
@@ -236,11 +255,17 @@ class NextTokenTestbed:
 
     def _chunk(self, num_steps: int) -> Callable:
         if num_steps not in self._chunks:
-            self._chunks[num_steps] = make_train_chunk(self.fns, self.cfg, self.monitor_cfg, num_steps)
+            self._chunks[num_steps] = make_train_chunk(self.fns, self.cfg, self.monitor_cfg, num_steps,
+                                                       self.population)
         return self._chunks[num_steps]
+
+    def _keys(self, keys) -> Mapping[str, jax.Array]:
+        # A run of one uses the driver's streams (the same as stream_keys of its seed).
+        return self.member_keys if self.population else keys
 
     def lower(self, state: TrainState, step: int, num_steps: int, keys) -> list:
         """The first train call's scan and the evaluator, lowered (the driver compiles them at once)."""
+        keys = self._keys(keys)
         out = [self._chunk(num_steps).lower(state, keys["data"], keys["explore"])]
         for contexts, targets in self.eval_windows(self.cfg.eval_batch):
             out.append(self._evaluator.lower(state.params("policy"), *self._eval_batch(contexts, targets)))
@@ -256,20 +281,48 @@ class NextTokenTestbed:
             targets = np.concatenate([targets, targets[:1].repeat(b - n, 0)])
         return contexts, targets, valid
 
+    def _with_members(self, means: dict, per_member: Mapping[str, np.ndarray]) -> dict:
+        """`means` plus <head>/member<p>/<name> for each <head>/<name> of `per_member` ([P, ...])."""
+        for k, v in per_member.items():
+            head, _, name = k.partition("/")
+            means.update({f"{head}/member{p}/{name}": v[p] for p in range(len(self.seeds))})
+        return means
+
     def train(self, state: TrainState, step: int, num_steps: int, keys) -> tuple[TrainState, dict]:
+        keys = self._keys(keys)
         state, metrics = self._chunk(num_steps)(state, keys["data"], keys["explore"])
-        health = monitors.report(state.extra)
-        for w in monitors.warnings(health, self.monitor_cfg):
-            print(f"warning: step {step + num_steps}: {w}", flush=True)
+        if not self.population:
+            healths = [monitors.report(state.extra)]
+        else:
+            reports = jax.device_get(jax.vmap(monitors.summarize)(state.extra))
+            healths = [{k: float(v[p]) for k, v in reports.items()} for p in range(len(self.seeds))]
+        for p, health in enumerate(healths):
+            who = f"member {p} (seed {self.seeds[p]}): " if self.population else ""
+            for w in monitors.warnings(health, self.monitor_cfg):
+                print(f"warning: step {step + num_steps}: {who}{w}", flush=True)
+        if self.population:  # [P, n] -> the members' mean [n], and each member's
+            metrics = self._with_members({k: jnp.mean(v, axis=0) for k, v in metrics.items()}, metrics)
         metrics = dict(metrics)
-        metrics.update({f"health/{k}": v for k, v in health.items()})  # scalars: the last step's row
+        # Scalars: the last step's row (a population's: the members' mean).
+        metrics.update({f"health/{k}": float(np.mean([h[k] for h in healths])) for k in healths[0]})
         return state, metrics
 
-    def evaluate(self, state: TrainState, keys=None, limit: Optional[int] = None) -> dict[str, float]:
-        """Cross-entropy (nats/char), perplexity = exp(cross-entropy), and top-1 accuracy."""
-        nll = correct = count = 0.0
+    def evaluate_members(self, state: TrainState, limit: Optional[int] = None) -> dict[str, np.ndarray]:
+        """Each member's cross-entropy (nats/char), perplexity = exp(cross-entropy) and top-1
+        accuracy, as arrays [P] (P = 1 for a run of one)."""
+        nll = correct = np.zeros(len(self.seeds))
+        count = 0
         for contexts, targets in self.eval_windows(self.cfg.eval_chars if limit is None else limit):
             s, c = self._evaluator(state.params("policy"), *self._eval_batch(contexts, targets))
-            nll, correct, count = nll + float(s), correct + float(c), count + len(targets)
+            nll, correct, count = nll + np.asarray(s), correct + np.asarray(c), count + len(targets)
         ce = nll / max(count, 1)
-        return {"eval/cross_entropy": ce, "eval/perplexity": math.exp(min(ce, 700.0)), "eval/top1": correct / max(count, 1)}
+        return {"eval/cross_entropy": ce, "eval/perplexity": np.exp(np.minimum(ce, 700.0)),
+                "eval/top1": correct / max(count, 1)}
+
+    def evaluate(self, state: TrainState, keys=None, limit: Optional[int] = None) -> dict[str, float]:
+        """The members' mean of each eval metric, and (a population) each member's."""
+        per_member = self.evaluate_members(state, limit)
+        means = {k: float(np.mean(v)) for k, v in per_member.items()}
+        if not self.population:
+            return means
+        return {k: float(v) for k, v in self._with_members(means, per_member).items()}

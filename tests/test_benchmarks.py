@@ -41,11 +41,12 @@ def test_char_benchmark_times_the_experiments_step_against_the_per_candidate_bas
     import json
 
     stdout = _run("benchmarks.char", f"--text_file={TEXT}", "--model_preset=tiny", "--context=8", "--batch=8",
-                  "--chunk=2", "--rounds=1", "--candidates_per_pass=13")
+                  "--chunk=2", "--rounds=1", "--candidates_per_pass=13", "--population=2")
     figures = json.loads(stdout.splitlines()[0])
-    assert set(figures["seconds_per_step"]) == {"exhaustive", "per_candidate_k13"}
+    assert set(figures["seconds_per_step"]) == {"exhaustive", "per_candidate_k13", "population_2"}
     assert figures["check"]["grad_rel_diff"] < 1e-5  # the baseline takes the testbed's gradient
-    assert "experiments.char step (2 steps / call)" in stdout
+    assert figures["population_vs_separate"] > 0
+    assert "experiments.char step (2 steps / call)" in stdout and "population of 2 (per member-step)" in stdout
 
 
 @pytest.mark.slow  # a subprocess run (or several); minutes on a 2-core machine
@@ -68,7 +69,7 @@ BAD_FLAGS = [
     ("benchmarks.char", "--learning_rate=inf"), ("benchmarks.char", "--learning_rate=nan"),
     ("benchmarks.char", "--learning_rate=-1e-3"), ("benchmarks.char", "--tau=inf"), ("benchmarks.char", "--tau=nan"),
     ("benchmarks.char", "--tau=0"), ("benchmarks.char", "--seed=-1"), ("benchmarks.char", "--batch=0"),
-    ("benchmarks.char", "--text_file=/nonexistent/tiny.txt"),
+    ("benchmarks.char", "--text_file=/nonexistent/tiny.txt"), ("benchmarks.char", "--population=1"),
     ("benchmarks.rollout", "--seed=-1"), ("benchmarks.rollout", "--threads=-1"), ("benchmarks.rollout", "--chunk=0"),
     ("benchmarks.train_step", "--learning_rate=inf"), ("benchmarks.train_step", "--learning_rate=nan"),
     ("benchmarks.train_step", "--learning_rate=-1e-5"), ("benchmarks.train_step", "--seed=-1"),

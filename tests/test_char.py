@@ -104,6 +104,69 @@ def test_invalid_config(field, value):
         dataclasses.replace(xl.ExhaustiveConfig(), **{field: value})
 
 
+@dataclasses.dataclass(frozen=True)
+class _PopCfg(xl.ExhaustiveConfig):
+    seed: int = 0
+    population: int = 1
+    batch_size: int = B
+    chunk: int = 3
+    eval_chars: int = 8
+    eval_batch: int = 4
+
+
+def _init_params(seed):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {"table": jax.random.normal(k1, (V, V)), "bias": jax.random.normal(k2, (V,))}
+
+
+def _windows(limit):
+    rng = np.random.default_rng(0)
+    ctx = rng.integers(0, V, (limit or 8, C))
+    tgt = (ctx[:, -1] * 3 + 1) % V
+    return [(ctx[i:i + 4], tgt[i:i + 4]) for i in range(0, len(tgt), 4)]
+
+
+def _population_run(population, seed=0, calls=2):
+    cfg = _PopCfg(scheme="softmax", tau=0.5, policy=_adam(0.05), lag_every=2, population=population, seed=seed,
+                  kl_coef=0.1)
+    testbed = xl.NextTokenTestbed(cfg, _task(kl=True), _init_params, _windows, total_steps=9)
+    from rlsoft.driver import stream_keys
+
+    state, keys, metrics = testbed.init_state(), stream_keys(seed, testbed.streams), []
+    for c in range(calls):
+        state, m = testbed.train(state, c * cfg.chunk, cfg.chunk, keys)
+        metrics.append(m)
+    return testbed, state, metrics
+
+
+def test_population_equals_separate_runs():
+    """Member p of a population of 3 is the run of seed p: parameters, metrics and eval."""
+    testbed, state, metrics = _population_run(3)
+    evals = testbed.evaluate(state)
+    for p in range(3):
+        single, single_state, single_metrics = _population_run(1, seed=p)
+        chex.assert_trees_all_close(testbed.member_params(state, p), single.member_params(single_state),
+                                    rtol=1e-6, atol=1e-6)
+        for m, sm in zip(metrics, single_metrics):
+            np.testing.assert_allclose(m[f"train/member{p}/loss"], sm["train/loss"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(m[f"train/member{p}/weights/effective_n"], sm["train/weights/effective_n"],
+                                       rtol=1e-5)
+        single_eval = single.evaluate(single_state)
+        for k in ("cross_entropy", "top1", "perplexity"):
+            np.testing.assert_allclose(evals[f"eval/member{p}/{k}"], single_eval[f"eval/{k}"], rtol=1e-5)
+    np.testing.assert_allclose(metrics[-1]["train/loss"],
+                               np.mean([metrics[-1][f"train/member{p}/loss"] for p in range(3)], axis=0), rtol=1e-6)
+
+
+def test_population_has_no_recompiles_after_the_first_call(count_compiles):
+    testbed, state, _ = _population_run(2, calls=1)
+    testbed.evaluate(state)
+    with count_compiles() as seen:
+        state, _ = testbed.train(state, 3, 3, None)
+        testbed.evaluate(state)
+    assert seen == []
+
+
 SMOKE = ["--preset=smoke", f"--text_file={TEXT}"]
 
 
@@ -131,7 +194,8 @@ def test_experiment_smoke(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--scheme=nope", "--mode=x", "--context=0", "--text_file=/nonexistent/file.txt",
                                   "--bogus=1", "--model_preset=huge", "--smoothing=nan", "--smoothing=-1",
-                                  "--learning_rate=nan", "--policy.b1=1.0", "--resume", "--chunk=0"])
+                                  "--learning_rate=nan", "--policy.b1=1.0", "--resume", "--chunk=0",
+                                  "--population=0"])
 def test_bad_flags_exit_2_with_one_line(flag, capsys):
     with pytest.raises(SystemExit) as e:
         char_exp.main(["--preset=smoke", f"--text_file={TEXT}", flag])

@@ -1,6 +1,7 @@
 """experiments.sweep / rlsoft.sweep: arms x seeds, run files, resume, tables from the files."""
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from experiments import sweep as sweep_exp
 from rlsoft import stats
 from rlsoft import sweep as sw
+
+TEXT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 ARMS = "grpo: --scheme=linear; soft: --scheme=softmax --tau=0.5"
 COMMON = "--preset=tiny --steps=20"
@@ -209,3 +212,35 @@ def test_think_sweep_population_equals_separate_runs(tmp_path):
         assert [p[0] for p in pop[s].curves["accuracy"]] == [p[0] for p in alone[s].curves["accuracy"]]
         np.testing.assert_allclose([p[1] for p in pop[s].curves["accuracy"]],
                                    [p[1] for p in alone[s].curves["accuracy"]], atol=1e-6)
+
+
+@pytest.mark.slow  # three char runs (one a population): about a minute on 2 cores
+@pytest.mark.skipif(not TEXT.exists(), reason="shared tinyshakespeare file absent")
+def test_char_sweep_population_scores_each_member_as_its_own_run(tmp_path):
+    """--population=true runs both seeds in one program; every score and curve of each member equals
+    its own run's (--population=false), train metrics included."""
+    args = ["char", f"--out={tmp_path}", "--seeds=2", "--arms=soft: --scheme=softmax --tau=0.5",
+            f"--common=--preset=smoke --text_file={TEXT} --checkpoint_every=0 --compile_cache="]
+    sweep_exp.main(args + ["--name=pop", "--population=true"])
+    sweep_exp.main(args + ["--name=alone"])  # auto: one run per seed on a CPU
+    pop = {r.seed: r for r in sw.load_runs(str(tmp_path / "char" / "pop"))}
+    alone = {r.seed: r for r in sw.load_runs(str(tmp_path / "char" / "alone"))}
+    assert {r.program for r in pop.values()} == {"population of 2 seeds"}
+    assert {r.program for r in alone.values()} == {"one run"}
+    for s in (0, 1):
+        assert pop[s].final.keys() == alone[s].final.keys()
+        assert {"eval/cross_entropy", "train/weights/effective_n@end", "train/loss@mean"} <= set(pop[s].final)
+        for k in pop[s].final:
+            np.testing.assert_allclose(pop[s].final[k], alone[s].final[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        assert pop[s].curves.keys() == alone[s].curves.keys()
+        for k in pop[s].curves:
+            np.testing.assert_allclose(pop[s].curves[k], alone[s].curves[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert pop[0].final["eval/cross_entropy"] != pop[1].final["eval/cross_entropy"]
+
+
+def test_member_names_map_a_population_history_to_single_run_names():
+    rename = sweep_exp.member_names(1, 3)
+    assert rename("eval/member1/top1") == "eval/top1"
+    assert rename("train/member1/weights/effective_n") == "train/weights/effective_n"
+    assert rename("eval/member0/top1") is None and rename("eval/top1") is None and rename("train/loss") is None
+    assert sweep_exp.member_names(0, 1)("train/loss") == "train/loss"
