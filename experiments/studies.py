@@ -150,8 +150,10 @@ STUDIES = {
         arms=arms(("softmax", "--scheme=softmax --tau=0.5"),
                   ("sl0.1", "--scheme=softmax --tau=0.5 --sl_weight=0.1"),
                   ("sl1", "--scheme=softmax --tau=0.5 --sl_weight=1"),
-                  ("inject_gt", "--scheme=softmax --tau=0.5 --inject_gt")),
-        comparisons="inject_gt - sl1",
+                  ("inject_gt", "--scheme=softmax --tau=0.5 --inject_gt"),
+                  # The control: the same supervised term with the policy gradient off (does RL add?).
+                  ("sl1_only", "--scheme=softmax --tau=0.5 --sl_weight=1 --rl_weight=0")),
+        comparisons="inject_gt - sl1; sl1 - sl1_only",
         # train/success@end: the sampled (T = 1) success of the last 10% of RL steps, beside greedy eval.
         metrics=("eval/success", "eval/mean_at_k", "train/success@end", "train/reward@mean",
                  "train/weights/effective_n@mean", "train/entropy@end", "train/completions/mean_length@end",

@@ -5,7 +5,8 @@ pure, jitted part: given a batch of prompts + sampled responses and their reward
 per question), it computes the per-sample weights with any `rlsoft.weighting` scheme, the
 teacher-forced log-probs, the token-level policy loss (`rlsoft.losses`: PPO clipping, KL to a
 frozen reference, entropy bonus), an optional supervised term on ground-truth solutions (teacher
-forcing beside RL: L = L_RL + sl_weight * L_SL), and applies AdamW with gradient clipping and
+forcing beside RL: L = rl_weight * L_RL + sl_weight * L_SL; rl_weight = 0 is the supervised-only
+control), and applies AdamW with gradient clipping and
 warmup, accumulating gradients over micro-batches. A step whose loss or gradient is not finite is
 skipped (params and optimizer state unchanged) and counted.
 
@@ -54,6 +55,7 @@ class UpdateConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     sl_weight: float = 0.0
+    rl_weight: float = 1.0  # the policy-gradient term's coefficient; 0 with sl_weight > 0: supervised only
     diag_tau: float = 0.5  # the temperature of the softmax weights logged beside every scheme
 
     FLAG_ALIASES: ClassVar[dict[str, str]] = {
@@ -73,6 +75,10 @@ class UpdateConfig:
         check(self.ppo_epochs >= 1, f"ppo_epochs={self.ppo_epochs} is invalid; need >= 1")
         check(self.sl_weight >= 0 and math.isfinite(self.sl_weight),
               f"sl_weight={self.sl_weight} is invalid; need a finite value >= 0")
+        check(self.rl_weight >= 0 and math.isfinite(self.rl_weight),
+              f"rl_weight={self.rl_weight} is invalid; need a finite value >= 0")
+        check(self.rl_weight > 0 or self.sl_weight > 0,
+              "rl_weight=0 with sl_weight=0 trains nothing; give one of them a positive value")
         weighting.validate_tau(self.diag_tau)
         self.loss_config()  # validates the loss fields
 
@@ -213,7 +219,7 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
 
     `grouped`: `logits_fn` takes one prompt per question (`batch.prompts[::G]`; the G rows of a
     question share its prompt), else one per row. `batch.sl_*` rows (one per question, may be
-    empty) add `sl_weight * L_SL` when sl_weight > 0.
+    empty) add `sl_weight * L_SL` when sl_weight > 0; the RL term is scaled by rl_weight.
 
     With ppo_epochs == 1 the params cannot move between the rollout and the loss, so the old
     log-probs are stop_gradient(logp) of the loss's own forward: the same loss and gradient (the
@@ -262,6 +268,8 @@ def update(state: TrainState, batch: Batch, *, logits_fn: ResponseLogitsFn, grou
                                            ref_logp=ref, entropy=ent)
         metrics = jax.tree.map(lambda v: v * x["rl_share"], metrics)
         loss = loss * x["rl_share"]
+        if cfg.rl_weight != 1.0:  # static: the default program is unchanged
+            loss = cfg.rl_weight * loss
         if use_sl:
             sl_logp, _ = log_probs(params, *x["sl"])
             sl_loss = losses.sft_loss(sl_logp, x["sl"][3], cfg.aggregation) * x["sl_share"]

@@ -46,7 +46,8 @@ def test_smoke_run_logs_every_metric(tmp_path, capsys):
                                   "--model=/nonexistent", "--micro_batches=3", "--tau_schedule=cubic",
                                   "--steps=-1", "--sizes=7", "--learning_rate=nan", "--adam_b1=1.0",
                                   "--policy.b2=1.5", "--policy.bogus=1", "--temperature=-1", "--resume",
-                                  "--resume_override=tau", "--logdir=/proc/forbidden"])
+                                  "--resume_override=tau", "--logdir=/proc/forbidden", "--rl_weight=0",
+                                  "--rl_weight=-1"])
 def test_bad_flags_exit_2_with_one_line(flag, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         countdown.main(_flags(tmp_path, flag))

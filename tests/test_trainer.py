@@ -230,3 +230,32 @@ def test_policy_entropy_is_logged_without_an_entropy_bonus():
     _, ent = _log_probs(_params(), batch)
     want = np.sum(np.asarray(ent) * batch.response_mask) / batch.response_mask.sum()
     np.testing.assert_allclose(metrics["train/entropy"], want, rtol=1e-5)
+
+
+def test_rl_weight_zero_is_the_supervised_update_alone():
+    """rl_weight = 0, sl_weight = 1: the step is `sft_update` on the ground-truth rows, whatever the
+    rewards; rl_weight scales the RL term's step under SGD."""
+    cfg = dataclasses.replace(CFG, rl_weight=0.0, sl_weight=1.0)
+    batch = _batch()
+    state, _ = _run(cfg, batch)
+    other, _ = _run(cfg, batch._replace(rewards=batch.rewards[:, ::-1] * 3.0))
+    sft = trainer.make_update(forward, cfg)[1]
+    ref, _ = sft(trainer.init_state(_params(), cfg), batch.sl_prompts, batch.sl_prompt_mask, batch.sl_responses,
+                 batch.sl_mask)
+    for a, b, c in zip(*(jax.tree.leaves(s.params("policy")) for s in (state, other, ref))):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+    sgd = dataclasses.replace(CFG, policy=optim.OptimizerConfig(name="sgd", learning_rate=0.1, grad_clip=0.0,
+                                                                warmup_steps=0))
+    start = jax.tree.leaves(_params())
+    full, half = (jax.tree.leaves(_run(dataclasses.replace(sgd, rl_weight=w), batch)[0].params("policy"))
+                  for w in (1.0, 0.5))
+    for s0, f, h in zip(start, full, half):
+        # A step read back as a difference of float32 parameters carries their rounding: 2 ulps.
+        ulp = np.spacing(np.max(np.abs(np.asarray(s0))).astype(np.float32))
+        np.testing.assert_allclose(h - s0, 0.5 * (f - s0), rtol=1e-5, atol=2 * ulp)
+    assert max(np.max(np.abs(f - s0)) for f, s0 in zip(full, start)) > 1e-3  # the RL step moved the table
+    with pytest.raises(ValueError, match="trains nothing"):
+        dataclasses.replace(CFG, rl_weight=0.0)
+    with pytest.raises(ValueError, match="rl_weight=-1"):
+        dataclasses.replace(CFG, rl_weight=-1.0)
