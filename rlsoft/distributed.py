@@ -22,11 +22,15 @@ JAX reads the coordinator from $JAX_COORDINATOR_ADDRESS when --distributed.coord
 With `auto` it fills whatever else is not given from a cluster it detects (Slurm, Open MPI,
 Kubernetes, Cloud TPU);
 $JAX_LOCAL_DEVICE_IDS restricts the devices a process uses (several processes on one host).
-Multi-process collectives on CPU run over gloo (jax_cpu_collectives_implementation).
+Multi-process collectives on CPU run over gloo (jax_cpu_collectives_implementation). Gloo gives a
+collective's first use 30 s for every process to arrive; on a loaded machine two processes' compiles
+can end further apart than that, so the host-side gathers here and the driver's first step wait at
+a `barrier` of the coordination service first (no deadline short of `BARRIER_TIMEOUT_S`).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from typing import Any, Callable, Optional
 
@@ -100,6 +104,8 @@ def to_host(tree: Any) -> Any:
             return multihost_utils.process_allgather(x, tiled=True)
         return jax.device_get(x) if isinstance(x, jax.Array) else x
 
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        barrier("to_host")  # every process holds the same tree, so all of them take this branch
     return jax.tree.map(one, tree)
 
 
@@ -108,6 +114,7 @@ def broadcast_text(text: Optional[str]) -> str:
     its own). Two broadcasts: the UTF-8 length, then the bytes (shapes must agree on all processes)."""
     if not is_multiprocess():
         return text or ""
+    barrier("broadcast_text")
     data = np.frombuffer((text or "").encode() if is_primary() else b"", np.uint8)
     n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
     data = data if is_primary() else np.zeros(n, np.uint8)
@@ -135,10 +142,25 @@ def largest(x: int) -> int:
     """The largest of every process's `x` (one small all-gather; `x` itself in a single process)."""
     if not is_multiprocess():
         return x
+    barrier("largest")
     return int(np.max(multihost_utils.process_allgather(np.int32(x))))
 
 
+BARRIER_TIMEOUT_S = 1800
+_barrier_count = itertools.count()
+
+
 def barrier(name: str) -> None:
-    """Wait until every process reaches `name` (nothing in a single-process run)."""
-    if is_multiprocess():
+    """Wait until every process reaches `name` (nothing in a single-process run). On jax.distributed's
+    coordination service (its key-value server, as jax's own array serialization does), not a device
+    collective: no gloo deadline. Every process calls the same barriers in the same order (the
+    running count makes each id unique)."""
+    if not is_multiprocess():
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:  # pragma: no cover - initialized by another runtime: a device collective
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"rlsoft-{next(_barrier_count)}-{name}", timeout_in_ms=BARRIER_TIMEOUT_S * 1000)

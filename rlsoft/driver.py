@@ -197,6 +197,7 @@ class Driver:
             return
         lowered = lower(self.state, self.step, self._call_length(self.step, end), self.keys)
         self.compile_seconds = compile_cache.compile_ahead(lowered)
+        distributed.barrier("compiled")  # the first step's collectives start together (rlsoft.distributed)
 
     def run(self, until: Optional[int] = None) -> RunResult:
         """Train to step `until` (default: the testbed's total); returns each step's metrics."""
