@@ -472,3 +472,13 @@ def test_scheme_index_and_by_index_errors():
 def test_schemes_without_tau_accept_none():
     for s in sorted(set(SCHEME_NAMES) - weighting.NEEDS_TAU):
         assert np.all(np.isfinite(np.asarray(compute_weights(R4, s))))
+
+
+def test_auto_tau_is_half_on_binary_rewards():
+    """On 0/1 rewards tau = "auto" is softmax at 0.5 (range 1 -> tau 0.5; all-equal groups get 1
+    each at any tau): why the bandit study has no auto arm (README)."""
+    rng = np.random.default_rng(0)
+    r = (rng.random((500, 16)) < rng.random((500, 1)) ** 3).astype(np.float32)
+    assert 0 < (r.sum(1) == 0).mean() < 1  # both kinds of group are present
+    np.testing.assert_array_equal(weighting.compute_weights(jnp.asarray(r), "softmax", tau="auto"),
+                                  weighting.compute_weights(jnp.asarray(r), "softmax", tau=0.5))
