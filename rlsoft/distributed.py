@@ -146,7 +146,7 @@ def largest(x: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(x))))
 
 
-BARRIER_TIMEOUT_S = 1800
+BARRIER_TIMEOUT_S = 600  # a peer that died is also noticed by the service's heartbeats
 _barrier_count = itertools.count()
 
 
