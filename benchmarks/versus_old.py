@@ -251,14 +251,18 @@ def bench_char(args):
     from oldv.rlsoft import exhaustive_loop as oxl, monitors as omonitors
 
     ncfg = dataclasses.replace(nexp.CharConfig(), text_file=args.text_file, chunk=args.chunk, progress=False)
-    # The old config from the same values (learning_rate was flat then).
     old_fields = {f.name for f in dataclasses.fields(oexp.CharConfig)}
     shared = {f.name: getattr(ncfg, f.name) for f in dataclasses.fields(ncfg) if f.name in old_fields}
     shared = {k: v for k, v in shared.items() if k not in ("logdir",)}
-    ocfg = oexp.CharConfig(**shared, learning_rate=ncfg.policy.learning_rate, grad_clip=ncfg.policy.grad_clip)
+    nested = "policy" in old_fields  # an old tree with the nested optimizer: the new tree's API
+    if nested:
+        shared["policy"] = type(oexp.CharConfig().policy)(**dataclasses.asdict(ncfg.policy))
+        ocfg = oexp.CharConfig(**shared)
+    else:  # learning_rate was flat then
+        ocfg = oexp.CharConfig(**shared, learning_rate=ncfg.policy.learning_rate, grad_clip=ncfg.policy.grad_clip)
     check = {"old_config_defaults_differ_from_new": {
         k: [getattr(oexp.CharConfig(), k), getattr(nexp.CharConfig(), k)] for k in shared
-        if getattr(oexp.CharConfig(), k) != getattr(nexp.CharConfig(), k)},
+        if k != "policy" and getattr(oexp.CharConfig(), k) != getattr(nexp.CharConfig(), k)},
         "new_optimizer": dataclasses.asdict(ncfg.policy)}
 
     data, params, fns = nexp.build(ncfg)
@@ -268,23 +272,33 @@ def bench_char(args):
     data_key, explore_key = jax.random.key(1), jax.random.key(2)
     new_run, _ = _stepper(xl.make_train_chunk(fns, ncfg, mon, args.chunk), xl.init_state(params, ncfg, mon),
                           data_key, explore_key)
+    old_keys = (data_key, explore_key) if nested else (jax.random.key(1),)
     old_run, _ = _stepper(oxl.make_train_chunk(otask, ocfg, omon, args.chunk), oxl.init_state(oparams, ocfg, omon),
-                          jax.random.key(1))
+                          *old_keys)
 
     # One step of each on the same batch (the key is used only by the sampled mode).
     contexts, targets = fns.batch_fn(jax.random.key(3))
-    fixed = otask._replace(batch_fn=lambda key: (contexts, targets))
-    ost, om = jax.jit(lambda s, k: oxl.train_step(s, k, task=fixed, cfg=ocfg, monitor_cfg=omon))(
-        oxl.init_state(oparams, ocfg, omon), jax.random.key(4))
     nst, nm = jax.jit(lambda s, k: xl.train_step(s, (contexts, targets), k, task=fns, cfg=ncfg, monitor_cfg=mon))(
         xl.init_state(params, ncfg, mon), jax.random.key(4))
-    og = jax.jit(jax.grad(lambda p: oxl._loss(p, p, contexts, targets, jax.random.key(4), fixed, ocfg)[0]))(oparams)
     ng = jax.jit(jax.grad(lambda p: xl.step_loss(p, p, contexts, targets, jax.random.key(4), fns, ncfg)[0]))(params)
+    if nested:
+        ost, om = jax.jit(lambda s, k: oxl.train_step(s, (contexts, targets), k, task=otask, cfg=ocfg,
+                                                      monitor_cfg=omon))(oxl.init_state(oparams, ocfg, omon),
+                                                                         jax.random.key(4))
+        og = jax.jit(jax.grad(lambda p: oxl.step_loss(p, p, contexts, targets, jax.random.key(4), otask,
+                                                      ocfg)[0]))(oparams)
+        old_loss, old_grad_norm, old_params = om["train/loss"], om["train/grad_norm"], ost.params("policy")
+    else:
+        fixed = otask._replace(batch_fn=lambda key: (contexts, targets))
+        ost, om = jax.jit(lambda s, k: oxl.train_step(s, k, task=fixed, cfg=ocfg, monitor_cfg=omon))(
+            oxl.init_state(oparams, ocfg, omon), jax.random.key(4))
+        og = jax.jit(jax.grad(lambda p: oxl._loss(p, p, contexts, targets, jax.random.key(4), fixed, ocfg)[0]))(oparams)
+        old_loss, old_grad_norm, old_params = om["loss"], om["grad_norm"], ost.params
     check["grads_same_batch_rel_diff"] = _rel(ng, og)
     check["one_step_same_batch"] = {
-        "loss": {"old": float(om["loss"]), "new": float(nm["train/loss"])},
-        "grad_norm": {"old": float(om["grad_norm"]), "new": float(nm["train/grad_norm"])},
-        "params_after_rel_diff": _rel(nst.params("policy"), ost.params)}
+        "loss": {"old": float(old_loss), "new": float(nm["train/loss"])},
+        "grad_norm": {"old": float(old_grad_norm), "new": float(nm["train/grad_norm"])},
+        "params_after_rel_diff": _rel(nst.params("policy"), old_params)}
     workload = dict(model_preset=ncfg.model_preset, batch=ncfg.batch_size, context=ncfg.context, chunk=args.chunk,
                     scheme=ncfg.scheme, mixing=ncfg.mixing, clip_eps=ncfg.clip_eps, mode=ncfg.mode)
     return old_run, new_run, check, workload
