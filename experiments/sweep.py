@@ -18,7 +18,7 @@ How each testbed runs its (arm, seed) pairs, the fastest way its shapes allow:
              common flags draws new bandits), so first_seed must be 0
   think      one program per arm: its seeds as a population (`--population`; member p = seed p)
   char       on an accelerator as think; on a CPU one run per (arm, seed), the faster there
-             (`python -m benchmarks.char --population=5`: 0.89x the contexts/s of 5 separate runs);
+             (`python -m benchmarks.char --population=5`: 0.86-0.89x the contexts/s of 5 separate runs);
              `--population=true` / `false` forces either
   countdown  one run per (arm, seed), `--seed=s`, in this process
 Scores: the final eval metrics (eval/*) of each run, and train/* metrics averaged over the last
