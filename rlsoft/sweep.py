@@ -25,6 +25,7 @@ import dataclasses
 import glob
 import json
 import os
+import textwrap
 import re
 import shutil
 from typing import Iterable, Mapping, Optional, Sequence
@@ -263,7 +264,7 @@ def plot_curves(records: Sequence[RunRecord], arms: Sequence[str], metric: str, 
     if drawn:
         ax.set_xlabel("step")
         ax.set_ylabel(f"{metric}, mean over seeds, 95% CI")
-        ax.set_title(title)
+        ax.set_title(textwrap.fill(title, 70), fontsize=10)  # a study's long title stays inside the figure
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
