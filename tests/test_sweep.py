@@ -194,16 +194,21 @@ def test_before_after_gain_is_over_the_same_problems():
     assert sweep_exp.before_after(None, after) == {}
 
 
+def _population_and_alone(out, args, pop_flags, alone_flags):
+    """The same sweep of 2 seeds as one population and as one run per seed: {seed: record} each."""
+    sweep_exp.main(args + ["--name=pop", *pop_flags])
+    sweep_exp.main(args + ["--name=alone", *alone_flags])
+    pop, alone = ({r.seed: r for r in sw.load_runs(str(out / name))} for name in ("pop", "alone"))
+    assert {r.program for r in pop.values()} == {"population of 2 seeds"}
+    assert {r.program for r in alone.values()} == {"one run"}
+    return pop, alone
+
+
 @pytest.mark.slow
 def test_think_sweep_population_equals_separate_runs(tmp_path):
     args = ["think", f"--out={tmp_path}", "--seeds=2", "--arms=clean: --clean",
             "--common=--preset=smoke --steps=20 --chunk=10 --eval_every=10"]
-    sweep_exp.main(args + ["--name=pop"])
-    sweep_exp.main(args + ["--name=alone", "--population=false"])
-    pop = {r.seed: r for r in sw.load_runs(str(tmp_path / "think" / "pop"))}
-    alone = {r.seed: r for r in sw.load_runs(str(tmp_path / "think" / "alone"))}
-    assert {r.program for r in pop.values()} == {"population of 2 seeds"}
-    assert {r.program for r in alone.values()} == {"one run"}
+    pop, alone = _population_and_alone(tmp_path / "think", args, [], ["--population=false"])
     for s in (0, 1):
         assert pop[s].final.keys() == alone[s].final.keys()
         for k in pop[s].final:
@@ -221,12 +226,8 @@ def test_char_sweep_population_scores_each_member_as_its_own_run(tmp_path):
     its own run's (--population=false), train metrics included."""
     args = ["char", f"--out={tmp_path}", "--seeds=2", "--arms=soft: --scheme=softmax --tau=0.5",
             f"--common=--preset=smoke --text_file={TEXT} --checkpoint_every=0 --compile_cache="]
-    sweep_exp.main(args + ["--name=pop", "--population=true"])
-    sweep_exp.main(args + ["--name=alone"])  # auto: one run per seed on a CPU
-    pop = {r.seed: r for r in sw.load_runs(str(tmp_path / "char" / "pop"))}
-    alone = {r.seed: r for r in sw.load_runs(str(tmp_path / "char" / "alone"))}
-    assert {r.program for r in pop.values()} == {"population of 2 seeds"}
-    assert {r.program for r in alone.values()} == {"one run"}
+    # --population=auto: one run per seed on a CPU
+    pop, alone = _population_and_alone(tmp_path / "char", args, ["--population=true"], [])
     for s in (0, 1):
         assert pop[s].final.keys() == alone[s].final.keys()
         assert {"eval/cross_entropy", "train/weights/effective_n@end", "train/loss@mean"} <= set(pop[s].final)
