@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(128 + driver.stopped)
     testbed, fns = driver.testbed, driver.testbed.fns
     members = testbed.evaluate_members(driver.state, limit=0)
-    final = testbed.evaluate(driver.state, limit=0)
+    final = testbed.eval_summary(members)
     sampler = xl.make_text_sampler(fns.logits_fn, cfg.context, cfg.sample_chars)
     prompt = jnp.asarray(data.validation[: cfg.context])
     # The sample: the first member's (the seed's own run).

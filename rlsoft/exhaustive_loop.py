@@ -321,7 +321,10 @@ class NextTokenTestbed:
 
     def evaluate(self, state: TrainState, keys=None, limit: Optional[int] = None) -> dict[str, float]:
         """The members' mean of each eval metric, and (a population) each member's."""
-        per_member = self.evaluate_members(state, limit)
+        return self.eval_summary(self.evaluate_members(state, limit))
+
+    def eval_summary(self, per_member: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """`evaluate`'s dict from `evaluate_members`' arrays (one eval pass serves both)."""
         means = {k: float(np.mean(v)) for k, v in per_member.items()}
         if not self.population:
             return means
