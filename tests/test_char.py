@@ -195,7 +195,7 @@ def test_experiment_smoke(tmp_path, capsys):
 @pytest.mark.parametrize("flag", ["--scheme=nope", "--mode=x", "--context=0", "--text_file=/nonexistent/file.txt",
                                   "--bogus=1", "--model_preset=huge", "--smoothing=nan", "--smoothing=-1",
                                   "--learning_rate=nan", "--policy.b1=1.0", "--resume", "--chunk=0",
-                                  "--population=0"])
+                                  "--population=0", "--tau=hot"])
 def test_bad_flags_exit_2_with_one_line(flag, capsys):
     with pytest.raises(SystemExit) as e:
         char_exp.main(["--preset=smoke", f"--text_file={TEXT}", flag])

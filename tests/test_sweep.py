@@ -116,6 +116,8 @@ def test_changed_arm_is_refused_unless_allowed(tmp_path, capsys):
     (["think", "--arms=a: --modulus=1"], "modulus"),
     (["think", "--arms=a: --clean", "--baseline=b"], "baseline=b"),
     (["nothing", "--arms=a:"], "testbed"),
+    (["char", "--arms=a: --tau=0.5", "--population=maybe"], "population='maybe'"),
+    (["char", "--arms=a: --population=0"], "population=0"),
 ])
 def test_bad_input_exits_2_before_anything_runs(tmp_path, capsys, argv, match):
     with pytest.raises(SystemExit) as e:
