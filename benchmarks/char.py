@@ -42,7 +42,7 @@ from benchmarks.timing import first_calls, interleaved
 from envs import chartext
 from experiments import char as char_exp
 from models import char_gpt
-from rlsoft import exhaustive_loop as xl, monitors
+from rlsoft import exhaustive_loop as xl, monitors, roles
 from rlsoft.config import check, parse_flags
 from rlsoft.logger import format_table
 
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
                    for p in range(cfg.population)]
         keys = [jax.random.split(jax.random.fold_in(data_key, p)) for p in range(cfg.population)]
         runs[pop] = stepper(xl.make_train_chunk(fns, ccfg, monitor_cfg, cfg.chunk, population=True),
-                            jax.tree.map(lambda *xs: jax.numpy.stack(xs), *members),
+                            roles.stack_members(members),
                             jax.numpy.stack([k[0] for k in keys]), jax.numpy.stack([k[1] for k in keys]))
         steps_per_call[pop] = cfg.chunk * cfg.population  # member-steps per call
 

@@ -15,7 +15,8 @@ clip_eps = 0 the policy term is `exhaustive.exhaustive_objective` of the current
 
 The loop is `lax.scan` over `chunk` steps inside one jit (PureJaxRL style); the host only logs
 between chunks. A population of P seeds (`cfg.population`) vmaps that scan over a leading member
-axis: member p is exactly the run of seed `cfg.seed + p` (its own init and PRNG streams). It knows no model and no task: `logits_fn(params, contexts[B,C]) -> [B,V]`,
+axis: member p is exactly the run of seed `cfg.seed + p` (its own init and PRNG streams).
+It knows no model and no task: `logits_fn(params, contexts[B,C]) -> [B,V]`,
 `batch_fn(key) -> (contexts, targets)`, `reward_fn(contexts, targets, probs) -> [B,V]` and
 `ref_log_probs_fn(contexts) -> [B,V]` are pure jnp functions.
 """
@@ -240,12 +241,12 @@ class NextTokenTestbed:
 
     def init_state(self) -> TrainState:
         states = [init_state(self.init_params(seed), self.cfg, self.monitor_cfg) for seed in self.seeds]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *states) if self.population else states[0]
+        return roles.stack_members(states) if self.population else states[0]
 
     def member_params(self, state: TrainState, p: int = 0) -> Any:
         """Member p's policy parameters (the only member of a run of one)."""
         params = state.params("policy")
-        return jax.tree.map(lambda x: x[p], params) if self.population else params
+        return roles.unstack_member(params, p) if self.population else params
 
     def steps_per_call(self) -> int:
         return self.cfg.chunk

@@ -64,3 +64,13 @@ def apply_updates(role: Role, grads: Any, tx: optax.GradientTransformation) -> R
     """One optimizer step of a trainable role (a non-finite gradient is skipped by apply_if_finite)."""
     updates, opt_state = tx.update(grads, role.opt_state, role.params)
     return Role(optax.apply_updates(role.params, updates), opt_state)
+
+
+def stack_members(states: list) -> Any:
+    """P member states (or any pytrees of one structure) -> one population pytree with a leading axis of P."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_member(state: Any, i: int) -> Any:
+    """Member i of a population pytree (`stack_members`' inverse for one member)."""
+    return jax.tree.map(lambda x: x[i], state)

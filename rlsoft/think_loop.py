@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from rlsoft import losses, optim, roles, thought_search, weighting
+from rlsoft.roles import stack_members, unstack_member  # noqa: F401 (re-exported: think_testbed, tests)
 from rlsoft.config import check, check_finite
 from rlsoft.roles import TrainState
 from rlsoft.sampling import categorical
@@ -351,15 +352,6 @@ def make_train_chunk(fns: ThinkFns, cfg: ThinkConfig, chunk: int):
         return jax.lax.scan(body, state, None, length=chunk)
 
     return jax.jit(jax.vmap(member), donate_argnums=0)
-
-
-def stack_members(states: list) -> Any:
-    """P member states -> one population state with a leading axis of P."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-
-def unstack_member(state: Any, i: int) -> Any:
-    return jax.tree.map(lambda x: x[i], state)
 
 
 def mutual_information_bits(thoughts: np.ndarray, answers: np.ndarray) -> float:
